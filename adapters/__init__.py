@@ -1,0 +1,18 @@
+"""Platform adapters: each turns one platform's events into `bot.messages.Message`.
+
+`configured(settings)` lists the adapters whose credentials are set; that is what
+`python -m bot` starts. The console adapter is started explicitly
+(`python -m bot console`).
+"""
+
+from __future__ import annotations
+
+from bot.app import Adapter
+from bot.settings import Settings
+
+
+def configured(settings: Settings) -> list[Adapter]:
+    """The platform adapters whose credentials are in the configuration."""
+    adapters: list[Adapter] = []
+    # Discord and Slack register here as they land (one `if settings.<token>:` each).
+    return adapters

@@ -1,0 +1,89 @@
+"""Chat with the bot in a terminal, through the same engine and memory as the platforms.
+
+Interactive (stdin is a terminal): a prompt, replies streamed as they are written,
+and the commands /reset, /help and /quit. Piped: one message per line, one reply
+per message, exit at end of input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import TextIO
+
+from bot.engine import Engine
+from bot.messages import ConversationKey, Message
+
+CONVERSATION = ConversationKey("console", "terminal")
+HELP = """Commands:
+  /reset  forget this conversation
+  /help   show this help
+  /quit   leave (Ctrl-D works too)
+Anything else is a message to the bot."""
+
+
+class ConsoleAdapter:
+    name = "console"
+
+    def __init__(
+        self,
+        stdin: TextIO | None = None,
+        stdout: TextIO | None = None,
+        interactive: bool | None = None,
+    ) -> None:
+        self._in = stdin or sys.stdin
+        self._out = stdout or sys.stdout
+        self._interactive = self._in.isatty() if interactive is None else interactive
+        self._count = 0
+
+    def _write(self, text: str) -> None:
+        self._out.write(text)
+        self._out.flush()
+
+    async def _read_line(self, stop: asyncio.Event) -> str | None:
+        """The next line, or None at end of input or when the bot is stopping."""
+        if self._interactive:
+            self._write("you> ")
+        # readline blocks: on a thread, so the event loop stays free.
+        read = asyncio.ensure_future(asyncio.to_thread(self._in.readline))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([read, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not read.done():
+            return None  # the reading thread stays blocked until the process exits
+        line: str = read.result()
+        return None if line == "" else line.rstrip("\r\n")
+
+    def _message(self, text: str) -> Message:
+        self._count += 1
+        return Message(
+            conversation=CONVERSATION,
+            author_id="console",
+            author_name="you",
+            text=text,
+            message_id=str(self._count),
+            is_direct=True,
+        )
+
+    async def run(self, engine: Engine, stop: asyncio.Event) -> None:
+        if self._interactive:
+            self._write("Chatting with the bot. /help lists the commands.\n")
+        while (line := await self._read_line(stop)) is not None:
+            text = line.strip()
+            if not text:
+                continue
+            if text.lower() in ("/quit", "/exit"):
+                break
+            if text.lower() == "/help":
+                self._write(HELP + "\n")
+            elif text.lower() == "/reset":
+                await engine.reset(CONVERSATION)
+                self._write("Conversation forgotten.\n")
+            elif self._interactive:
+                self._write("bot> ")
+                async for chunk in engine.stream(self._message(text)):
+                    self._write(chunk)
+                self._write("\n")
+            else:
+                reply = await engine.reply(self._message(text))
+                self._write(reply.text + "\n")

@@ -1,0 +1,57 @@
+"""Command line: `python -m bot` (every configured platform) or `python -m bot console`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from bot.app import Adapter, serve
+from bot.logs import setup_logging
+from bot.settings import ConfigError, load_settings
+
+log = logging.getLogger("bot")
+
+NOTHING_CONFIGURED = (
+    "No chat platform is configured: set the Discord or Slack credentials "
+    "(see config/.env.example).\n"
+    "To chat in this terminal instead: python -m bot console"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bot", description=__doc__)
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=["console"],
+        help="console: chat in this terminal (default: run the configured platforms)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        setup_logging(settings.log_level, settings.secret_values())
+        adapters: list[Adapter]
+        if args.command == "console":
+            from adapters.console import ConsoleAdapter
+
+            adapters = [ConsoleAdapter()]
+        else:
+            from adapters import configured
+
+            adapters = configured(settings)
+            if not adapters:
+                print(NOTHING_CONFIGURED, file=sys.stderr)  # noqa: T201 - user-facing
+                return 2
+        asyncio.run(serve(settings, adapters))
+    except ConfigError as error:
+        print(error.message, file=sys.stderr)  # noqa: T201 - user-facing, no traceback
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

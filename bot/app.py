@@ -1,0 +1,69 @@
+"""Wiring: settings to a ready engine, and running adapters until asked to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from bot.engine import Engine
+from bot.generation import Generator
+from bot.memory import open_memory
+from bot.model import load_model
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Adapter(Protocol):
+    """A platform connection: turns platform events into engine calls until `stop` is set."""
+
+    name: str
+
+    async def run(self, engine: Engine, stop: asyncio.Event) -> None: ...
+
+
+async def _heartbeat(started: float, every: float = 10.0) -> None:
+    while True:
+        await asyncio.sleep(every)
+        log.info("Still loading the model (%.0f s)…", time.monotonic() - started)
+
+
+async def build_engine(settings: Settings) -> Engine:
+    """Memory first (a bad REDIS_URL fails fast), then the model, on a worker thread."""
+    memory = await open_memory(settings)
+    started = time.monotonic()
+    heartbeat = asyncio.create_task(_heartbeat(started))
+    try:
+        loaded = await asyncio.to_thread(load_model, settings)
+    except BaseException:
+        await memory.close()
+        raise
+    finally:
+        heartbeat.cancel()
+    generator = Generator.from_settings(loaded, settings)
+    return Engine(generator, memory, workers=settings.generation_workers)
+
+
+async def serve(settings: Settings, adapters: Sequence[Adapter]) -> None:
+    """Build the engine and run the adapters; SIGTERM or SIGINT stops them all."""
+    engine = await build_engine(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        tasks = [asyncio.create_task(a.run(engine, stop), name=a.name) for a in adapters]
+        # An adapter that ends (console at end of input) ends the bot.
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=False)
+        stopper.cancel()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await engine.close()

@@ -1,0 +1,193 @@
+"""The async generation engine: one message in, one reply (or a stream of it) out.
+
+For each message: wait for the conversation's earlier messages to be answered,
+read its history from memory, fit the prompt and run the model on a worker thread
+(the event loop never blocks), then store the user turn and the reply together.
+Different conversations proceed concurrently, up to the number of worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import ParamSpec, Protocol, TypeVar
+
+from bot.memory import Memory
+from bot.messages import ConversationKey, Message, Reply, Turn, clean_text
+from bot.prompt import Prompt
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+APOLOGY = "Sorry, something went wrong while I was writing a reply. Please try again."
+EMPTY_MESSAGE_REPLY = "Ask me anything: write your message and I'll answer."
+NOTHING_TO_SAY = "I don't have an answer to that."
+
+
+def truncation_note(prompt: Prompt) -> str:
+    return (
+        f"(Your message was too long for me: I read only its first "
+        f"{len(prompt.user_text):,} of {prompt.original_chars:,} characters.)\n\n"
+    )
+
+
+class ModelRunner(Protocol):
+    """What the engine needs of the model; blocking methods, run on worker threads."""
+
+    def prepare(self, history: list[Turn], user_text: str) -> Prompt: ...
+
+    def generate(
+        self, prompt: Prompt, on_text: Callable[[str], None], stop: threading.Event
+    ) -> str: ...
+
+
+class _ConversationOrder:
+    """One FIFO lock per active conversation; the lock goes away with its last waiter."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def turn(self, conversation: ConversationKey) -> AsyncIterator[None]:
+        key = str(conversation)
+        lock, users = self._locks.get(key, (None, 0))
+        lock = lock or asyncio.Lock()  # asyncio.Lock wakes waiters in arrival order
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+class ReplyStream:
+    """The reply to one message as an async iterator of text chunks.
+
+    Iterate it to the end (or `aclose()` it): the conversation's next message waits
+    until then. Afterwards `reply` holds the whole reply.
+    """
+
+    def __init__(self, engine: Engine, message: Message) -> None:
+        self.message = message
+        self.reply: Reply | None = None
+        self._chunks = engine._produce(message, self)
+
+    def __aiter__(self) -> AsyncGenerator[str, None]:
+        return self._chunks
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+
+
+class Engine:
+    """Answers messages with the model and the conversation's memory."""
+
+    def __init__(self, runner: ModelRunner, memory: Memory, *, workers: int = 1) -> None:
+        self.runner = runner
+        self.memory = memory
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="generate")
+        self._order = _ConversationOrder()
+
+    def stream(self, message: Message) -> ReplyStream:
+        """The reply to `message`, chunk by chunk as the model writes it."""
+        return ReplyStream(self, message)
+
+    async def reply(self, message: Message) -> Reply:
+        """The whole reply to `message`."""
+        stream = self.stream(message)
+        async for _ in stream:
+            pass
+        assert stream.reply is not None
+        return stream.reply
+
+    async def reset(self, conversation: ConversationKey) -> None:
+        """Forget a conversation (after any reply in progress there)."""
+        async with self._order.turn(conversation):
+            await self.memory.reset(conversation)
+
+    @property
+    def active_conversations(self) -> int:
+        return len(self._order)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        await self.memory.close()
+
+    async def _produce(self, message: Message, out: ReplyStream) -> AsyncGenerator[str, None]:
+        conversation = message.conversation
+        text = clean_text(message.text)
+        if not text.strip():
+            out.reply = Reply(EMPTY_MESSAGE_REPLY)
+            yield EMPTY_MESSAGE_REPLY
+            return
+        async with self._order.turn(conversation):
+            history = await self.memory.history(conversation)
+            parts: list[str] = []
+            try:
+                prompt = await self._in_worker(self.runner.prepare, history, text)
+                if prompt.truncated:
+                    note = truncation_note(prompt)
+                    parts.append(note)
+                    yield note
+                generated: list[str] = []
+                async for chunk in self._generate(prompt):
+                    generated.append(chunk)
+                    yield chunk
+                answer = "".join(generated).strip()
+                if not answer:
+                    answer = NOTHING_TO_SAY
+                    yield answer
+            except Exception:
+                log.exception(
+                    "Generation failed in %s (message %s)", conversation, message.message_id
+                )
+                apology = ("\n\n" if parts else "") + APOLOGY
+                out.reply = Reply("".join(parts) + apology, ok=False)
+                yield apology
+                return
+            # Both turns at once, and only for a reply that was written in full.
+            await self.memory.append(
+                conversation, [Turn("user", prompt.user_text), Turn("assistant", answer)]
+            )
+            out.reply = Reply("".join(parts) + answer, truncated_input=prompt.truncated)
+
+    async def _in_worker(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def _generate(self, prompt: Prompt) -> AsyncIterator[str]:
+        """Run generation on a worker thread, yielding text as the thread decodes it."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        stop = threading.Event()
+
+        def hand_over(item: str | None) -> None:
+            if not loop.is_closed():  # the bot may be shutting down under the thread
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def run() -> str:
+            try:
+                return self.runner.generate(prompt, hand_over, stop)
+            finally:
+                hand_over(None)
+
+        future = loop.run_in_executor(self._executor, run)
+        try:
+            while (chunk := await queue.get()) is not None:
+                yield chunk
+            await future  # re-raises the worker's exception, if any
+        finally:
+            # The reader went away (closed, cancelled): stop the model early.
+            stop.set()

@@ -1,0 +1,231 @@
+"""Per-conversation memory: in Redis when REDIS_URL is set, else in this process.
+
+Redis key schema: one list per conversation,
+
+    chatbot:conv:<platform>:<channel>[:<thread>]  ->  [turn JSON, ...]  (oldest first)
+
+each element ``{"role": "user" | "assistant", "content": "..."}``. A reply's turns are
+appended, the list trimmed to MEMORY_MAX_TURNS and its TTL renewed in one pipelined
+round trip; the history is read with one LRANGE. No command spans two conversations,
+so the schema works unchanged on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from bot.messages import ConversationKey, Turn
+from bot.settings import ConfigError, Settings, mask_url
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "chatbot:conv:"
+_OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def redis_key(conversation: ConversationKey) -> str:
+    return f"{KEY_PREFIX}{conversation}"
+
+
+def encode_turn(turn: Turn) -> str:
+    return json.dumps({"role": turn.role, "content": turn.content}, ensure_ascii=False)
+
+
+def decode_turn(raw: str | bytes) -> Turn | None:
+    """A stored turn, or None for an element this code did not write."""
+    try:
+        data = json.loads(raw)
+        role, content = data["role"], data["content"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if role not in ("user", "assistant") or not isinstance(content, str):
+        return None
+    return Turn(role=role, content=content)
+
+
+class Memory(Protocol):
+    """What the engine needs from a conversation store."""
+
+    async def history(self, conversation: ConversationKey) -> list[Turn]:
+        """The stored turns, oldest first; empty when unknown or unavailable."""
+        ...
+
+    async def append(self, conversation: ConversationKey, turns: Sequence[Turn]) -> None:
+        """Store turns at the end, keeping at most the configured number."""
+        ...
+
+    async def reset(self, conversation: ConversationKey) -> None:
+        """Forget a conversation."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class InProcessMemory:
+    """A dict of bounded deques, with the same caps as Redis; lost on restart."""
+
+    def __init__(self, max_turns: int, ttl_seconds: float) -> None:
+        self._max_turns = max_turns
+        self._ttl = ttl_seconds
+        self._store: dict[str, tuple[float, deque[Turn]]] = {}
+        self._last_sweep = time.monotonic()
+
+    def _sweep(self, now: float) -> None:
+        # Expire idle conversations at most once a minute, so the dict stays bounded.
+        if now - self._last_sweep < 60:
+            return
+        self._last_sweep = now
+        for key in [k for k, (touched, _) in self._store.items() if now - touched > self._ttl]:
+            del self._store[key]
+
+    async def history(self, conversation: ConversationKey) -> list[Turn]:
+        now = time.monotonic()
+        self._sweep(now)
+        entry = self._store.get(str(conversation))
+        if entry is None or now - entry[0] > self._ttl:
+            return []
+        return list(entry[1])
+
+    async def append(self, conversation: ConversationKey, turns: Sequence[Turn]) -> None:
+        now = time.monotonic()
+        key = str(conversation)
+        entry = self._store.get(key)
+        stored = entry[1] if entry and now - entry[0] <= self._ttl else None
+        if stored is None:
+            stored = deque(maxlen=self._max_turns)
+        stored.extend(turns)
+        self._store[key] = (now, stored)
+
+    async def reset(self, conversation: ConversationKey) -> None:
+        self._store.pop(str(conversation), None)
+
+    async def close(self) -> None:
+        self._store.clear()
+
+
+class RedisMemory:
+    """Conversation memory in Redis through redis.asyncio.
+
+    While Redis is unreachable, reads return no history and writes are dropped, so
+    replies go on without memory; one warning per outage, one line when it is back.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        max_turns: int,
+        ttl_seconds: int,
+        *,
+        timeout: float = 2.0,
+        connection_class: type[aioredis.Connection] | None = None,
+    ) -> None:
+        self._masked_url = mask_url(url)
+        self._max_turns = max_turns
+        self._ttl = ttl_seconds
+        extra = {"connection_class": connection_class} if connection_class else {}
+        # One quick retry: a pooled connection to a restarted server fails once,
+        # then reconnects. No backoff, so an outage costs a reply at most ~2 timeouts.
+        self._redis = aioredis.from_url(
+            url,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            retry=Retry(NoBackoff(), 1),
+            decode_responses=True,
+            **extra,
+        )
+        self._down = False
+
+    async def check(self) -> None:
+        """Ping Redis once; raise ConfigError (exit code 2) naming the masked URL if not."""
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as exc:
+            raise ConfigError(
+                f"Cannot reach Redis at {self._masked_url} (REDIS_URL): {type(exc).__name__}"
+            ) from None
+
+    def _failed(self, action: str, exc: Exception) -> None:
+        if isinstance(exc, _OUTAGE_ERRORS):
+            if not self._down:
+                self._down = True
+                log.warning(
+                    "Redis at %s is unreachable (%s); replying without memory until it is back",
+                    self._masked_url,
+                    type(exc).__name__,
+                )
+        else:
+            log.exception("Redis error while trying to %s; going on without memory", action)
+
+    def _succeeded(self) -> None:
+        if self._down:
+            self._down = False
+            log.info("Redis at %s is reachable again; memory resumes", self._masked_url)
+
+    async def history(self, conversation: ConversationKey) -> list[Turn]:
+        try:
+            raw = await self._redis.lrange(redis_key(conversation), 0, -1)
+        except (RedisError, OSError) as exc:
+            self._failed("read history", exc)
+            return []
+        self._succeeded()
+        return [turn for turn in map(decode_turn, raw) if turn is not None]
+
+    async def append(self, conversation: ConversationKey, turns: Sequence[Turn]) -> None:
+        if not turns:
+            return
+        key = redis_key(conversation)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.rpush(key, *(encode_turn(t) for t in turns))
+                pipe.ltrim(key, -self._max_turns, -1)
+                pipe.expire(key, self._ttl)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._failed("store turns", exc)
+            return
+        self._succeeded()
+
+    async def reset(self, conversation: ConversationKey) -> None:
+        try:
+            await self._redis.delete(redis_key(conversation))
+        except (RedisError, OSError) as exc:
+            self._failed("reset a conversation", exc)
+            return
+        self._succeeded()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+async def open_memory(settings: Settings) -> Memory:
+    """The configured store; with REDIS_URL, checked reachable (else ConfigError)."""
+    if settings.redis_url is None:
+        log.info(
+            "REDIS_URL is not set: conversation memory is kept in this process "
+            "and will not survive a restart"
+        )
+        return InProcessMemory(settings.memory_max_turns, settings.memory_ttl_seconds)
+    memory = RedisMemory(
+        settings.redis_url.get_secret_value(),
+        settings.memory_max_turns,
+        settings.memory_ttl_seconds,
+    )
+    try:
+        await memory.check()
+    except ConfigError:
+        await memory.close()
+        raise
+    log.info("Conversation memory in Redis at %s", settings.redis_url_masked())
+    return memory

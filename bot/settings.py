@@ -1,0 +1,140 @@
+"""The bot's configuration: the one place that reads the environment and `.env`.
+
+Every variable is documented, with its default, in `config/.env.example`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, TypeAdapter, ValidationError, field_validator
+from pydantic.networks import RedisDsn
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# SmolLM2-135M answers plainly with this prompt; longer personas made it ramble (tried).
+DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant."
+
+_redis_dsn = TypeAdapter(RedisDsn)
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Settings(BaseSettings):
+    """Validated configuration. Secrets are `SecretStr`: their repr is masked."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+    # The model
+    model: str = Field(
+        default="",
+        description="Hugging Face hub id or local directory; empty: the bundled SmolLM2-135M.",
+    )
+    model_cache_dir: Path = Path.home() / ".cache" / "chatbot"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    device: str = "auto"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_new_tokens: PositiveInt = 256
+    temperature: float = Field(default=0.3, ge=0.0, le=5.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.1, ge=1.0, le=5.0)
+    context_tokens: PositiveInt | None = Field(
+        default=None, description="Cap on prompt + reply tokens; default: the model's window."
+    )
+    generation_workers: PositiveInt = 1
+    torch_threads: PositiveInt | None = None
+
+    # Conversation memory
+    redis_url: SecretStr | None = None
+    memory_max_turns: PositiveInt = 20
+    memory_ttl_seconds: PositiveInt = 7 * 24 * 3600
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _check_redis_url(cls, value: object) -> object:
+        if value in (None, ""):
+            return None
+        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        try:
+            _redis_dsn.validate_python(text)
+        except ValidationError as exc:
+            # Name the problem, never the value: it may hold a password.
+            reason = exc.errors()[0]["msg"]
+            raise ValueError(f"not a redis:// or rediss:// URL ({reason})") from None
+        return text
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "cpu", "cuda", "mps") or value.startswith("cuda:"):
+            return value
+        raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    def secret_values(self) -> list[str]:
+        """Every secret in the configuration, for scrubbing from log lines."""
+        values = [
+            value.get_secret_value()
+            for value in self.__dict__.values()
+            if isinstance(value, SecretStr) and value.get_secret_value()
+        ]
+        if self.redis_url:
+            password = urlsplit(self.redis_url.get_secret_value()).password
+            values += [password] if password else []
+        return values
+
+    def redis_url_masked(self) -> str | None:
+        """The Redis URL with any password replaced by ***, for logs and errors."""
+        return mask_url(self.redis_url.get_secret_value()) if self.redis_url else None
+
+
+def mask_url(url: str) -> str:
+    """Hide the password (and a lone username used as one) in a URL."""
+    parts = urlsplit(url)
+    if parts.password is None and not parts.username:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = parts.username if parts.password is not None else ""
+    netloc = f"{user}:***@{host}" if user else f":***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class ConfigError(Exception):
+    """A configuration the bot cannot run with: the entry point prints it and exits 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per bad variable: its name and what is wrong, never its value."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        name = str(error["loc"][0]).upper() if error["loc"] else "configuration"
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"Invalid configuration: {name}: {message}")
+    return "\n".join(lines)
+
+
+def load_settings(env_file: str | Path | None = ".env") -> Settings:
+    """Read the settings, or raise ConfigError (exit code 2) with a readable message."""
+    try:
+        return Settings(_env_file=env_file)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
