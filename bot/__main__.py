@@ -6,10 +6,13 @@ import argparse
 import asyncio
 import logging
 import sys
+from typing import TYPE_CHECKING
 
-from bot.app import Adapter, serve
 from bot.logs import setup_logging
 from bot.settings import ConfigError, load_settings
+
+if TYPE_CHECKING:
+    from bot.app import Adapter
 
 log = logging.getLogger("bot")
 
@@ -32,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
         setup_logging(settings.log_level, settings.secret_values())
+        # Imported only now: torch and transformers take seconds, and a bad setting
+        # should be reported at once.
+        from bot.app import serve
+
         adapters: list[Adapter]
         if args.command == "console":
             from adapters.console import ConsoleAdapter

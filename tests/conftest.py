@@ -1,0 +1,143 @@
+"""Shared fixtures: a real redis-server on a free port, and the real bundled model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.generation import GenerationOptions, Generator
+from bot.model import LoadedModel, load_model
+from bot.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A real redis-server process on loopback, stopped by its PID.
+
+    `stop()` then `start()` restarts it on the same port (without persistence, the
+    data is gone, as after a crash of a cache-only Redis).
+    """
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: `make test` installs it (as root)")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory), "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        pytest.fail(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh redis-server for one test."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled model's safetensors cache, made once per test session.
+
+    A fresh directory each session, so every run goes through the real first-start
+    conversion from the GGUF file once.
+    """
+    return tmp_path_factory.mktemp("model-cache")
+
+
+class IsolatedSettings(Settings):
+    """Settings from explicit values and defaults only: no `.env`, no environment."""
+
+    @classmethod
+    def settings_customise_sources(  # type: ignore[override]
+        cls, settings_cls: type, init_settings: Any, **sources: Any
+    ) -> tuple[Any, ...]:
+        return (init_settings,)
+
+
+def make_settings(**values: Any) -> Settings:
+    return IsolatedSettings(**values)
+
+
+@pytest.fixture(scope="session")
+def bundled(model_cache_dir: Path) -> LoadedModel:
+    """The real SmolLM2-135M-Instruct, loaded once through the bot's own loading code."""
+    return load_model(make_settings(model_cache_dir=model_cache_dir))
+
+
+def greedy(loaded: LoadedModel, max_new_tokens: int = 24, **settings: Any) -> Generator:
+    """A Generator on `loaded` with greedy decoding (the same input gives the same reply)."""
+    base = make_settings(temperature=0, max_new_tokens=max_new_tokens, **settings)
+    return Generator(
+        loaded,
+        GenerationOptions.from_settings(base),
+        base.system_prompt,
+        base.context_tokens,
+    )
+
+
+def bot_env(**values: str) -> dict[str, str]:
+    """An environment for `python -m bot` subprocesses: no inherited bot settings."""
+    env = {k: v for k, v in os.environ.items() if k in ("HOME", "PATH", "LANG", "TMPDIR")}
+    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **values)
+    return env
+
+
+def run_bot(
+    *args: str, env: dict[str, str], stdin: str = "", cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args],
+        input=stdin,
+        env=env,
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

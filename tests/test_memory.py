@@ -1,0 +1,135 @@
+"""Conversation memory on a real redis-server, and the in-process store beside it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from bot.memory import InProcessMemory, Memory, RedisMemory, redis_key
+from bot.messages import ConversationKey, Turn
+from tests.conftest import RedisServer
+
+A = ConversationKey("discord", "111")
+B = ConversationKey("slack", "C1", "1700000000.000100")
+
+
+class CountingConnection(aioredis.Connection):
+    """Counts writes to the socket: one per round trip (a pipeline is one write)."""
+
+    sends = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        CountingConnection.sends += 1
+        await super().send_packed_command(command, check_health)
+
+
+def turns(*texts: str) -> list[Turn]:
+    return [Turn("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(texts)]
+
+
+@pytest.fixture(params=["redis", "in-process"])
+async def memory(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Memory]:
+    if request.param == "in-process":
+        store: Memory = InProcessMemory(max_turns=4, ttl_seconds=3600)
+        yield store
+        return
+    server = RedisServer(tmp_path)
+    server.start()
+    store = RedisMemory(server.url, max_turns=4, ttl_seconds=3600)
+    yield store
+    await store.close()
+    server.stop()
+
+
+async def test_round_trip_order_cap_and_reset(memory: Memory) -> None:
+    assert await memory.history(A) == []
+    await memory.append(A, turns("one", "two"))
+    await memory.append(A, turns("three", "four"))
+    await memory.append(B, turns("other"))
+    assert [t.content for t in await memory.history(A)] == ["one", "two", "three", "four"]
+    await memory.append(A, turns("five", "six"))
+    # Capped at 4 turns: the oldest go.
+    assert [t.content for t in await memory.history(A)] == ["three", "four", "five", "six"]
+    assert [t.role for t in await memory.history(A)] == ["user", "assistant"] * 2
+    await memory.reset(A)
+    assert await memory.history(A) == []
+    assert [t.content for t in await memory.history(B)] == ["other"]
+
+
+async def test_unicode_and_hostile_text_round_trips(memory: Memory) -> None:
+    text = 'emoji 👩‍👩‍👧 rtl \u202e "quotes" {json} \\ back\nline <@123> @everyone'
+    await memory.append(A, [Turn("user", text)])
+    assert (await memory.history(A))[0].content == text
+
+
+async def test_in_process_ttl_expires() -> None:
+    memory = InProcessMemory(max_turns=4, ttl_seconds=0.05)
+    await memory.append(A, turns("hello"))
+    await asyncio.sleep(0.1)
+    assert await memory.history(A) == []
+
+
+async def test_redis_schema_ttl_and_round_trips(redis_server: RedisServer) -> None:
+    memory = RedisMemory(
+        redis_server.url, max_turns=4, ttl_seconds=600, connection_class=CountingConnection
+    )
+    probe = aioredis.from_url(redis_server.url, decode_responses=True)
+    try:
+        await memory.history(A)  # connect once, so the count below is per operation
+        CountingConnection.sends = 0
+        await memory.append(A, turns("u", "a"))
+        assert CountingConnection.sends == 1, "append + trim + expire must be one round trip"
+        CountingConnection.sends = 0
+        await memory.history(A)
+        assert CountingConnection.sends == 1
+        assert redis_key(A) == "chatbot:conv:discord:111"
+        assert 0 < await probe.ttl(redis_key(A)) <= 600
+        assert await probe.lrange(redis_key(A), 0, -1) == [
+            '{"role": "user", "content": "u"}',
+            '{"role": "assistant", "content": "a"}',
+        ]
+        # An element this code did not write is skipped, not a crash.
+        await probe.rpush(redis_key(A), "not json", '{"role": "system", "content": "x"}')
+        assert [t.content for t in await memory.history(A)] == ["u", "a"]
+    finally:
+        await probe.aclose()
+        await memory.close()
+
+
+async def test_memory_survives_a_bot_restart(redis_server: RedisServer) -> None:
+    first = RedisMemory(redis_server.url, max_turns=10, ttl_seconds=600)
+    await first.append(A, turns("remember me"))
+    await first.close()
+    second = RedisMemory(redis_server.url, max_turns=10, ttl_seconds=600)
+    assert [t.content for t in await second.history(A)] == ["remember me"]
+    await second.close()
+
+
+async def test_redis_outage_one_warning_then_resumes(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    memory = RedisMemory(redis_server.url, max_turns=10, ttl_seconds=600, timeout=0.5)
+    caplog.set_level(logging.INFO, logger="bot.memory")
+    await memory.append(A, turns("before"))
+    redis_server.stop()
+    for _ in range(3):
+        assert await memory.history(A) == []
+        await memory.append(A, turns("lost"))  # dropped, no exception
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert redis_server.url in warnings[0].getMessage()
+    redis_server.start()
+    await memory.append(A, turns("after"))
+    assert [t.content for t in await memory.history(A)] == ["after"]
+    assert any("reachable again" in r.getMessage() for r in caplog.records)
+    # A second outage warns again, once.
+    redis_server.stop()
+    await memory.history(A)
+    await memory.history(A)
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2
+    await memory.close()

@@ -1,0 +1,102 @@
+"""Configuration: defaults, `.env`, and bad values reported as one line with exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from bot.settings import format_validation_error, load_settings, mask_url
+from tests.conftest import bot_env, free_port, make_settings, run_bot
+
+
+def test_defaults_are_documented_in_env_example() -> None:
+    example = (Path(__file__).parent.parent / "config" / ".env.example").read_text()
+    documented = {
+        line.lstrip("# ").split("=", 1)[0]
+        for line in example.splitlines()
+        if "=" in line and line.lstrip("# ").split("=", 1)[0].isupper()
+    }
+    fields = {name.upper() for name in make_settings().model_dump()}
+    assert fields <= documented, f"undocumented: {sorted(fields - documented)}"
+
+
+def test_env_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("MAX_NEW_TOKENS=77\nTEMPERATURE=0\nlog_level=debug\n")
+    for name in ("MAX_NEW_TOKENS", "TEMPERATURE", "LOG_LEVEL"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings(env_file)
+    assert (settings.max_new_tokens, settings.temperature, settings.log_level) == (77, 0, "DEBUG")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("MAX_NEW_TOKENS", "abc", "valid integer"),
+        ("MAX_NEW_TOKENS", "0", "greater than 0"),
+        ("TEMPERATURE", "-1", "greater than or equal to 0"),
+        ("REDIS_URL", "localhost:6379", "not a redis:// or rediss:// URL"),
+        ("REDIS_URL", "http://user:s3cretpass@example.com", "not a redis:// or rediss:// URL"),
+        ("DTYPE", "bf17", "'auto', 'bf16', 'fp16' or 'fp32'"),
+        ("DEVICE", "gpu", "expected auto, cpu"),
+        ("MEMORY_MAX_TURNS", "many", "valid integer"),
+    ],
+)
+def test_bad_value_names_variable_and_exits_2(
+    name: str, value: str, expected: str, tmp_path: Path
+) -> None:
+    result = run_bot("console", env=bot_env(**{name: value}), cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"Invalid configuration: {name}: ")
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+    assert "s3cretpass" not in result.stderr + result.stdout
+
+
+def test_unreachable_redis_at_start_exits_2_with_masked_url(tmp_path: Path) -> None:
+    url = f"redis://:hunter2pass@127.0.0.1:{free_port()}/0"
+    result = run_bot("console", env=bot_env(REDIS_URL=url), cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "hunter2pass" not in result.stderr + result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert "Cannot reach Redis at redis://:***@127.0.0.1:" in last
+    assert "REDIS_URL" in last
+
+
+def test_no_platform_configured_points_to_console(tmp_path: Path) -> None:
+    result = run_bot(env=bot_env(), cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert "python -m bot console" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_secrets_stay_out_of_repr_and_errors() -> None:
+    settings = make_settings(redis_url="redis://admin:opensesame@db.internal:6380/2")
+    assert "opensesame" not in repr(settings)
+    assert "opensesame" not in str(settings.model_dump())
+    assert settings.redis_url_masked() == "redis://admin:***@db.internal:6380/2"
+    assert "opensesame" in settings.secret_values()
+    with pytest.raises(ValidationError) as caught:
+        make_settings(redis_url="nope://admin:opensesame@x")
+    # pydantic's own message quotes the input; the one the bot prints must not.
+    message = format_validation_error(caught.value)
+    assert message.startswith("Invalid configuration: REDIS_URL:")
+    assert "opensesame" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+        ("redis://:pw@localhost:6379/0", "redis://:***@localhost:6379/0"),
+        ("rediss://user:pw@host/1", "rediss://user:***@host/1"),
+        ("redis://onlytoken@host:1", "redis://:***@host:1"),
+    ],
+)
+def test_mask_url(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
