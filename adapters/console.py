@@ -8,7 +8,9 @@ per message, exit at end of input.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+import threading
 from typing import TextIO
 
 from bot.engine import Engine
@@ -40,19 +42,36 @@ class ConsoleAdapter:
         self._out.write(text)
         self._out.flush()
 
-    async def _read_line(self, stop: asyncio.Event) -> str | None:
+    def _start_reader(self, lines: asyncio.Queue[str | None]) -> None:
+        """Read stdin on a daemon thread: readline blocks, and a thread stuck in it
+        must not keep the process alive after SIGTERM."""
+        loop = asyncio.get_running_loop()
+
+        def hand_over(line: str | None) -> None:
+            # RuntimeError: the loop has closed, the bot is exiting.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(lines.put_nowait, line)
+
+        def read() -> None:
+            for line in iter(self._in.readline, ""):
+                hand_over(line)
+            hand_over(None)
+
+        threading.Thread(target=read, name="console-stdin", daemon=True).start()
+
+    async def _next_line(self, lines: asyncio.Queue[str | None], stop: asyncio.Event) -> str | None:
         """The next line, or None at end of input or when the bot is stopping."""
         if self._interactive:
             self._write("you> ")
-        # readline blocks: on a thread, so the event loop stays free.
-        read = asyncio.ensure_future(asyncio.to_thread(self._in.readline))
+        line = asyncio.ensure_future(lines.get())
         stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([read, stopping], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([line, stopping], return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
-        if not read.done():
-            return None  # the reading thread stays blocked until the process exits
-        line: str = read.result()
-        return None if line == "" else line.rstrip("\r\n")
+        if not line.done():
+            line.cancel()
+            return None
+        text = line.result()
+        return None if text is None else text.rstrip("\r\n")
 
     def _message(self, text: str) -> Message:
         self._count += 1
@@ -68,7 +87,9 @@ class ConsoleAdapter:
     async def run(self, engine: Engine, stop: asyncio.Event) -> None:
         if self._interactive:
             self._write("Chatting with the bot. /help lists the commands.\n")
-        while (line := await self._read_line(stop)) is not None:
+        lines: asyncio.Queue[str | None] = asyncio.Queue()
+        self._start_reader(lines)
+        while (line := await self._next_line(lines, stop)) is not None:
             text = line.strip()
             if not text:
                 continue
