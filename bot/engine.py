@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -133,6 +134,7 @@ class Engine:
             yield EMPTY_MESSAGE_REPLY
             return
         async with self._order.turn(conversation):
+            started = time.perf_counter()
             history = await self.memory.history(conversation)
             parts: list[str] = []
             try:
@@ -162,6 +164,12 @@ class Engine:
                 conversation, [Turn("user", prompt.user_text), Turn("assistant", answer)]
             )
             out.reply = Reply("".join(parts) + answer, truncated_input=prompt.truncated)
+            log.info(
+                "Replied in %s to message %s in %.2f s",
+                conversation,
+                message.message_id,
+                time.perf_counter() - started,
+            )
 
     async def _in_worker(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
