@@ -14,5 +14,8 @@ from bot.settings import Settings
 def configured(settings: Settings) -> list[Adapter]:
     """The platform adapters whose credentials are in the configuration."""
     adapters: list[Adapter] = []
-    # Discord and Slack register here as they land (one `if settings.<token>:` each).
+    if settings.discord_token:
+        from adapters.discord.client import DiscordAdapter
+
+        adapters.append(DiscordAdapter(settings))
     return adapters

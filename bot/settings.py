@@ -5,13 +5,21 @@ Every variable is documented, with its default, in `config/.env.example`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 from pydantic.networks import RedisDsn
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # SmolLM2-135M answers plainly with this prompt; longer personas made it ramble (tried).
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant."
@@ -19,6 +27,17 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant."
 _redis_dsn = TypeAdapter(RedisDsn)
 
 PositiveInt = Annotated[int, Field(gt=0)]
+
+
+def _split_ids(value: object) -> object:
+    """Comma- or space-separated ids ("123, 456") as a set of strings."""
+    if isinstance(value, str):
+        return frozenset(part for part in re.split(r"[\s,]+", value) if part)
+    return value
+
+
+# An allow-list of platform ids; empty means everyone.
+IdList = Annotated[frozenset[str], NoDecode, BeforeValidator(_split_ids)]
 
 
 class Settings(BaseSettings):
@@ -55,7 +74,39 @@ class Settings(BaseSettings):
     memory_max_turns: PositiveInt = 20
     memory_ttl_seconds: PositiveInt = 7 * 24 * 3600
 
+    # Shared by the platforms
+    rate_limit_per_minute: int = Field(default=6, ge=0)  # per user; 0: no limit
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+
+    # Discord
+    discord_token: SecretStr | None = None
+    discord_allowed_guilds: IdList = frozenset()
+    discord_allowed_channels: IdList = frozenset()
+    discord_allowed_roles: IdList = frozenset()
+    discord_allowed_users: IdList = frozenset()
+    discord_allow_dms: bool = True
+    discord_allow_bots: bool = False
+    discord_thread_followups: bool = True
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("discord_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator(
+        "discord_allowed_guilds",
+        "discord_allowed_channels",
+        "discord_allowed_roles",
+        "discord_allowed_users",
+    )
+    @classmethod
+    def _snowflakes(cls, value: frozenset[str]) -> frozenset[str]:
+        bad = sorted(v for v in value if not v.isdigit())
+        if bad:
+            raise ValueError(f"Discord ids are numbers; not: {', '.join(bad[:3])}")
+        return value
 
     @field_validator("redis_url", mode="before")
     @classmethod

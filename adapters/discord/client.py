@@ -1,0 +1,360 @@
+"""The Discord connection: discord.py events in, engine replies out.
+
+Decisions (who is answered, in which conversation, how a reply is cut into
+messages) live in `adapters.discord.translate`; this module does the I/O: the
+gateway, typing, posting and editing replies as they stream, slash commands, and a
+graceful stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import discord
+from discord import app_commands
+
+from adapters.discord.translate import (
+    HELP_LINE,
+    NO_MENTIONS,
+    PLATFORM,
+    REFUSAL,
+    Identity,
+    Rules,
+    conversation_key,
+    invite_url,
+    member_role_ids,
+    place_ids,
+    reply_parts,
+    to_message,
+    trigger,
+)
+from bot.engine import Engine, ReplyStream
+from bot.messages import Message
+from bot.ratelimit import RateLimiter, Verdict, rate_limit_note
+from bot.settings import ConfigError, Settings
+
+log = logging.getLogger(__name__)
+
+
+class EditPacer:
+    """At most one edit per `interval` seconds per channel (Discord rate-limits edits
+    per channel, so one global timer would slow every channel for the busiest)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[int, float] = {}
+
+    def due(self, channel_id: int) -> bool:
+        return time.monotonic() - self._last.get(channel_id, -self.interval) >= self.interval
+
+    async def wait(self, channel_id: int) -> None:
+        last = self._last.get(channel_id)
+        if last is not None:
+            await asyncio.sleep(max(0.0, last + self.interval - time.monotonic()))
+
+    def mark(self, channel_id: int) -> None:
+        now = time.monotonic()
+        self._last[channel_id] = now
+        if len(self._last) > 1000:  # forget quiet channels
+            self._last = {c: t for c, t in self._last.items() if now - t < self.interval}
+
+
+class ReplyWriter:
+    """The Discord messages of one reply: the first a reply to the user's message,
+    the rest (past 2,000 characters) following it in the channel."""
+
+    def __init__(self, origin: discord.Message, pacer: EditPacer) -> None:
+        self.origin = origin
+        self.pacer = pacer
+        self.sent: list[discord.Message] = []
+        self.shown: list[str] = []
+
+    async def show(self, text: str, *, final: bool = False) -> None:
+        channel_id = self.origin.channel.id
+        for index, part in enumerate(reply_parts(text)):
+            if index < len(self.sent):
+                if self.shown[index] == part:
+                    continue
+                if not final and not self.pacer.due(channel_id):
+                    continue  # the final pass catches up
+                await self.pacer.wait(channel_id)
+                self.pacer.mark(channel_id)
+                await self.sent[index].edit(content=part, allowed_mentions=NO_MENTIONS)
+            elif index == 0:
+                self.sent.append(
+                    await self.origin.reply(
+                        part, mention_author=False, allowed_mentions=NO_MENTIONS
+                    )
+                )
+                self.pacer.mark(channel_id)  # the first edit comes a full interval later
+            else:
+                self.sent.append(await self.origin.channel.send(part, allowed_mentions=NO_MENTIONS))
+            if index < len(self.shown):
+                self.shown[index] = part
+            else:
+                self.shown.append(part)
+
+
+class DiscordAdapter:
+    """Runs the bot on Discord until `stop` is set."""
+
+    name = PLATFORM
+
+    def __init__(self, settings: Settings, *, edit_interval: float = 1.0) -> None:
+        if settings.discord_token is None:
+            raise ConfigError("DISCORD_TOKEN is not set")
+        self._token = settings.discord_token.get_secret_value()
+        self.rules = Rules.from_settings(settings)
+        self.limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.pacer = EditPacer(edit_interval)
+        self.grace = settings.shutdown_grace_seconds
+        intents = discord.Intents.default()
+        intents.message_content = True  # privileged: enable it in the Developer Portal
+        self.client = discord.Client(
+            intents=intents,
+            allowed_mentions=NO_MENTIONS,
+            chunk_guilds_at_startup=False,
+        )
+        self.tree = app_commands.CommandTree(self.client)
+        self.ready = asyncio.Event()
+        self._engine: Engine | None = None
+        self._accepting = True
+        self._inflight: set[asyncio.Task[object]] = set()
+        self._threads: set[int] = set()  # threads the bot has answered in
+        self._register()
+
+    # --- identity and access ---------------------------------------------------------
+
+    def identity(self, guild: discord.Guild | None) -> Identity:
+        user = self.client.user
+        assert user is not None, "not logged in"
+        roles = frozenset(
+            role.id
+            for role in (guild.roles if guild else [])
+            if role.tags is not None and role.tags.bot_id == user.id
+        )
+        return Identity(user.id, roles)
+
+    def _allowed(
+        self, author: discord.User | discord.Member, guild: discord.Guild | None, channel: object
+    ) -> bool:
+        return self.rules.allows(
+            user_id=author.id,
+            role_ids=member_role_ids(author),
+            guild_id=guild.id if guild else None,
+            channel_ids=place_ids(channel),
+        )
+
+    @property
+    def engine(self) -> Engine:
+        assert self._engine is not None, "run() first"
+        return self._engine
+
+    # --- events ---------------------------------------------------------------------
+
+    def _register(self) -> None:
+        self.client.event(self.setup_hook)
+        self.client.event(self.on_ready)
+        self.client.event(self.on_message)
+        self._add_commands()
+
+    async def setup_hook(self) -> None:
+        try:
+            if self.rules.guilds:
+                for guild_id in sorted(self.rules.guilds):
+                    guild = discord.Object(int(guild_id))
+                    self.tree.copy_global_to(guild=guild)
+                    await self.tree.sync(guild=guild)
+                log.info("Slash commands synced to guilds %s", ", ".join(sorted(self.rules.guilds)))
+            else:
+                await self.tree.sync()
+                log.info("Slash commands synced globally (they can take a while to appear)")
+        except discord.HTTPException as exc:
+            log.warning("Could not sync slash commands: %s %s", exc.status, exc.text)
+
+    async def on_ready(self) -> None:
+        if self.ready.is_set():
+            return  # a reconnect
+        assert self.client.user is not None
+        app_id = self.client.application_id or self.client.user.id
+        log.info("Discord: logged in as %s (%s)", self.client.user, self.client.user.id)
+        log.info("Discord: invite the bot with %s", invite_url(app_id))
+        self.ready.set()
+
+    async def on_message(self, message: discord.Message) -> None:
+        if not self._accepting or self._engine is None:
+            return
+        me = self.identity(message.guild)
+        why = trigger(message, me, self.rules, self._threads)
+        if why is None:
+            return
+        if not self._allowed(message.author, message.guild, message.channel):
+            log.debug("Ignoring %s from %s: not allowed here", why, message.author.id)
+            return
+        verdict = self.limiter.check(str(message.author.id))
+        if verdict is not Verdict.ALLOW:
+            if verdict is Verdict.NOTIFY:
+                note = rate_limit_note(self.limiter.retry_after(str(message.author.id)))
+                await self._safely(message.channel, self._reply_text(message, note))
+            return
+        incoming = to_message(message, me)
+        if not incoming.text:
+            await self._safely(message.channel, self._reply_text(message, HELP_LINE))
+            return
+        if isinstance(message.channel, discord.Thread):
+            self._threads.add(message.channel.id)
+        await self._tracked(self._answer(message, incoming))
+
+    async def _answer(self, origin: discord.Message, incoming: Message) -> None:
+        writer = ReplyWriter(origin, self.pacer)
+        stream = self.engine.stream(incoming)
+        async with self._typing(origin.channel):
+            await self._safely(origin.channel, self._write(writer, stream))
+
+    async def _write(self, writer: ReplyWriter, stream: ReplyStream) -> None:
+        text = ""
+        try:
+            async for chunk in stream:
+                text += chunk
+                if text.strip():
+                    await writer.show(text)
+        finally:
+            await stream.aclose()
+        final = stream.reply.text if stream.reply else text
+        await writer.show(final, final=True)
+
+    async def _reply_text(self, origin: discord.Message, text: str) -> None:
+        await origin.reply(text, mention_author=False, allowed_mentions=NO_MENTIONS)
+
+    async def _safely(self, channel: object, action: object) -> None:
+        """Await `action`; a Discord HTTP error is logged with the channel, not raised."""
+        try:
+            await action  # type: ignore[misc]
+        except discord.HTTPException as exc:
+            log.warning(
+                "Discord refused a message in channel %s: HTTP %s %s",
+                getattr(channel, "id", "?"),
+                exc.status,
+                exc.text or "",
+            )
+
+    @contextlib.asynccontextmanager
+    async def _typing(self, channel: discord.abc.Messageable) -> AsyncIterator[None]:
+        """The typing indicator while the reply is written; best effort."""
+        typing = channel.typing()
+        try:
+            await typing.__aenter__()
+        except discord.HTTPException:
+            yield
+            return
+        try:
+            yield
+        finally:
+            await typing.__aexit__(None, None, None)
+
+    async def _tracked(self, work: object) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._inflight.add(task)
+        try:
+            await work  # type: ignore[misc]
+        finally:
+            self._inflight.discard(task)
+
+    # --- slash commands ---------------------------------------------------------------
+
+    def _add_commands(self) -> None:
+        @self.tree.command(name="ask", description="Ask the bot something in this channel")
+        @app_commands.describe(prompt="Your question or request")
+        async def ask(interaction: discord.Interaction, prompt: str) -> None:
+            await self.slash_ask(interaction, prompt)
+
+        @self.tree.command(name="reset", description="Forget this channel's conversation")
+        async def reset(interaction: discord.Interaction) -> None:
+            await self.slash_reset(interaction)
+
+        @self.tree.command(name="help", description="How to talk to the bot")
+        async def help_(interaction: discord.Interaction) -> None:
+            await interaction.response.send_message(HELP_LINE, ephemeral=True)
+
+    def _interaction_allowed(self, interaction: discord.Interaction) -> bool:
+        return self._accepting and self._allowed(
+            interaction.user, interaction.guild, interaction.channel
+        )
+
+    async def slash_ask(self, interaction: discord.Interaction, prompt: str) -> None:
+        if not self._interaction_allowed(interaction):
+            await interaction.response.send_message(REFUSAL, ephemeral=True)
+            return
+        user = str(interaction.user.id)
+        if self.limiter.check(user) is not Verdict.ALLOW:
+            note = rate_limit_note(self.limiter.retry_after(user))
+            await interaction.response.send_message(note, ephemeral=True)
+            return
+        await interaction.response.defer(thinking=True)
+        incoming = Message(
+            conversation=conversation_key(interaction.channel),
+            author_id=user,
+            author_name=interaction.user.display_name,
+            text=prompt,
+            message_id=str(interaction.id),
+            timestamp=interaction.created_at,
+            is_direct=interaction.guild is None,
+        )
+
+        async def answer() -> None:
+            reply = await self.engine.reply(incoming)
+            first, *rest = reply_parts(reply.text)
+            await interaction.edit_original_response(content=first, allowed_mentions=NO_MENTIONS)
+            for part in rest:
+                await interaction.followup.send(part, allowed_mentions=NO_MENTIONS)
+
+        await self._tracked(self._safely(interaction.channel, answer()))
+
+    async def slash_reset(self, interaction: discord.Interaction) -> None:
+        if not self._interaction_allowed(interaction):
+            await interaction.response.send_message(REFUSAL, ephemeral=True)
+            return
+        await self.engine.reset(conversation_key(interaction.channel))
+        await interaction.response.send_message(
+            "Done: I've forgotten this channel's conversation.", ephemeral=True
+        )
+
+    # --- running ------------------------------------------------------------------------
+
+    async def run(self, engine: Engine, stop: asyncio.Event) -> None:
+        self._engine = engine
+        async with self.client:
+            connection = asyncio.create_task(self.client.start(self._token))
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait([connection, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if connection.done():
+                stopping.cancel()
+                self._raise_start_error(connection)
+                return
+            log.info("Discord: stopping; finishing %d reply(ies) in flight", len(self._inflight))
+            self._accepting = False
+            if self._inflight:
+                _, late = await asyncio.wait(self._inflight, timeout=self.grace)
+                if late:
+                    log.warning("Discord: %d reply(ies) cut short at shutdown", len(late))
+            await self.client.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connection
+
+    @staticmethod
+    def _raise_start_error(connection: asyncio.Task[None]) -> None:
+        error = connection.exception()
+        if isinstance(error, discord.LoginFailure):
+            raise ConfigError("Discord refused DISCORD_TOKEN: check the bot token") from None
+        if isinstance(error, discord.PrivilegedIntentsRequired):
+            raise ConfigError(
+                "Discord: enable the Message Content intent for this bot in the Developer "
+                "Portal (Bot > Privileged Gateway Intents)"
+            ) from None
+        if error is not None:
+            raise error

@@ -1,0 +1,235 @@
+"""A local fake of Discord's gateway (websocket) and REST API, on 127.0.0.1.
+
+discord.py connects to it unmodified but for `Route.BASE`: it logs in over REST,
+opens the gateway, identifies, gets READY and GUILD_CREATE, and then the tests
+dispatch recorded gateway events (MESSAGE_CREATE, INTERACTION_CREATE) to it. Every
+REST call the bot makes is recorded with its JSON body, so tests inspect what went
+over the wire (content, allowed_mentions, message_reference).
+
+Discord's real formats: payloads under tests/payloads/discord/ follow the API docs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+PAYLOADS = Path(__file__).parent / "payloads" / "discord"
+BOT_ID = "1000000000000000001"
+GUILD_ID = "2000000000000000001"
+GENERAL = "3000000000000000001"
+RANDOM = "3000000000000000002"
+THREAD = "3000000000000000010"
+DM = "3000000000000000099"
+BOT_ROLE = "4000000000000000002"
+VIP_ROLE = "4000000000000000003"
+ANN = "5000000000000000001"
+BOB = "5000000000000000002"
+OTHER_BOT = "5000000000000000003"
+
+
+def payload(name: str) -> dict[str, Any]:
+    """A recorded payload, as a fresh copy the test may change."""
+    data: dict[str, Any] = json.loads((PAYLOADS / f"{name}.json").read_text())
+    return data
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    body: dict[str, Any] | None
+    query: dict[str, str] = field(default_factory=dict)
+    response: dict[str, Any] | None = None
+    at: float = field(default_factory=time.monotonic)  # when it arrived
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    # discord.py parses JSON only for exactly "application/json" (no charset).
+    return web.Response(
+        body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"}
+    )
+
+
+class FakeDiscord:
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.sockets: list[web.WebSocketResponse] = []
+        self.identified = asyncio.Event()
+        self.changed = asyncio.Condition()
+        self.fail: dict[str, int] = {}  # channel id -> HTTP status for message sends
+        self._ids = itertools.count(9000000000000000001)
+        self._seq = itertools.count(1)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/gateway", self._gateway)
+        app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return f"http://127.0.0.1:{self.port}/api/v10"
+
+    async def stop(self) -> None:
+        for ws in list(self.sockets):
+            await ws.close()
+        if self._runner:
+            await self._runner.cleanup()
+
+    # --- gateway -------------------------------------------------------------------
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.sockets.append(ws)
+        await ws.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": 41250}}))
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            data = json.loads(msg.data)
+            if data["op"] == 1:  # heartbeat
+                await ws.send_str(json.dumps({"op": 11}))
+            elif data["op"] == 2:  # identify
+                ready = payload("ready")
+                ready["resume_gateway_url"] = f"ws://127.0.0.1:{self.port}/gateway"
+                await self._send(ws, "READY", ready)
+                await self._send(ws, "GUILD_CREATE", payload("guild_create"))
+                self.identified.set()
+        self.sockets.remove(ws)
+        return ws
+
+    async def _send(self, ws: web.WebSocketResponse, event: str, data: dict[str, Any]) -> None:
+        await ws.send_str(json.dumps({"op": 0, "t": event, "s": next(self._seq), "d": data}))
+
+    async def dispatch(self, event: str, data: dict[str, Any]) -> None:
+        """Send a gateway event to every connected client."""
+        for ws in self.sockets:
+            await self._send(ws, event, data)
+
+    # --- REST ----------------------------------------------------------------------
+
+    async def _rest(self, request: web.Request) -> web.StreamResponse:
+        path = "/" + request.match_info["tail"]
+        body = await request.json() if request.can_read_body else None
+        call = Call(request.method, path, body, dict(request.query))
+        async with self.changed:
+            self.calls.append(call)
+            self.changed.notify_all()
+        parts = path.strip("/").split("/")
+        if path == "/oauth2/applications/@me":
+            return json_response(payload("application"))
+        if path == "/users/@me":
+            return json_response(payload("ready")["user"])
+        if path == "/gateway/bot":
+            return json_response(
+                {
+                    "url": f"ws://127.0.0.1:{self.port}/gateway",
+                    "shards": 1,
+                    "session_start_limit": {
+                        "total": 1000,
+                        "remaining": 999,
+                        "reset_after": 0,
+                        "max_concurrency": 1,
+                    },
+                }
+            )
+        if parts[0] == "applications" and parts[-1] == "commands":
+            return json_response(
+                [
+                    {**c, "id": str(next(self._ids)), "application_id": BOT_ID, "version": "1"}
+                    for c in body or []
+                ]
+            )
+        if parts[0] == "channels" and parts[-1] == "typing":
+            return web.Response(status=204)
+        if parts[0] == "channels" and parts[2:3] == ["messages"]:
+            channel = parts[1]
+            if channel in self.fail:
+                status = self.fail[channel]
+                return json_response({"message": "Missing Permissions", "code": 50013}, status)
+            message_id = parts[3] if len(parts) > 3 else str(next(self._ids))
+            call.response = self.message(channel, message_id, body or {})
+            return json_response(call.response)
+        if parts[0] == "interactions":
+            kind = (body or {}).get("type")
+            data = (body or {}).get("data") or {}
+            resource: dict[str, Any] = {"type": kind}
+            if kind == 4:
+                resource["message"] = self.message("0", str(next(self._ids)), data)
+            return json_response({"interaction": {"id": parts[1], "type": 2}, "resource": resource})
+        if parts[0] == "webhooks":
+            message_id = parts[-1] if parts[-2:-1] == ["messages"] else str(next(self._ids))
+            if message_id == "@original":
+                message_id = str(next(self._ids))
+            return json_response(self.message(GENERAL, message_id, body or {}))
+        return json_response({"message": "404: Not Found", "code": 0}, 404)
+
+    def message(self, channel: str, message_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        data = copy.deepcopy(payload("message_create"))
+        data.update(
+            id=message_id,
+            channel_id=channel,
+            content=body.get("content", ""),
+            author=payload("ready")["user"],
+        )
+        data.pop("member", None)
+        data["mentions"] = []
+        return data
+
+    # --- what the bot did ----------------------------------------------------------
+
+    def sent(self, channel: str | None = None) -> list[Call]:
+        """Messages posted (POST /channels/{id}/messages), in order."""
+        return [
+            c
+            for c in self.calls
+            if c.method == "POST"
+            and c.path.endswith("/messages")
+            and (channel is None or c.path == f"/channels/{channel}/messages")
+        ]
+
+    def final_contents(self, channel: str) -> list[str]:
+        """What each message the bot posted in `channel` says now, after its edits."""
+        finals: list[str] = []
+        for post in self.sent(channel):
+            if post.response is None:
+                continue  # refused (fail injection)
+            content = str((post.body or {}).get("content", ""))
+            for edit in self.edits():
+                if edit.path == f"/channels/{channel}/messages/{post.response['id']}":
+                    content = str((edit.body or {}).get("content", ""))
+            finals.append(content)
+        return finals
+
+    def edits(self) -> list[Call]:
+        return [c for c in self.calls if c.method == "PATCH" and "/messages/" in c.path]
+
+    def matching(self, predicate: Callable[[Call], bool]) -> list[Call]:
+        return [c for c in self.calls if predicate(c)]
+
+    async def wait_for(
+        self, predicate: Callable[[Call], bool], count: int = 1, within: float = 60
+    ) -> list[Call]:
+        """Wait until `count` recorded calls satisfy `predicate`."""
+
+        async def enough() -> list[Call]:
+            async with self.changed:
+                await self.changed.wait_for(lambda: len(self.matching(predicate)) >= count)
+                return self.matching(predicate)
+
+        return await asyncio.wait_for(enough(), within)

@@ -1,0 +1,50 @@
+"""A scripted model for tests about an adapter alone (not about the model).
+
+It implements the engine's ModelRunner interface, so the real engine and memory run
+around it; only the text is scripted, streamed in chunks like the real model's.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from bot.messages import Turn
+from bot.prompt import Prompt
+
+
+class ScriptedModel:
+    def __init__(
+        self,
+        reply: str | Callable[[str], str] = "Scripted reply.",
+        *,
+        chunk: int = 16,
+        delay: float = 0.0,
+        fail_on: str | None = None,
+    ) -> None:
+        self.reply = reply
+        self.chunk = chunk
+        self.delay = delay
+        self.fail_on = fail_on
+        self.histories: list[list[Turn]] = []
+        self.inputs: list[str] = []
+
+    def prepare(self, history: list[Turn], user_text: str) -> Prompt:
+        self.histories.append(list(history))
+        self.inputs.append(user_text)
+        return Prompt([], user_text, len(history), False, len(user_text))
+
+    def generate(
+        self, prompt: Prompt, on_text: Callable[[str], None], stop: threading.Event
+    ) -> str:
+        if self.fail_on and self.fail_on in prompt.user_text:
+            raise RuntimeError("scripted failure")
+        text = self.reply(prompt.user_text) if callable(self.reply) else self.reply
+        for start in range(0, len(text), self.chunk):
+            if stop.is_set():
+                break
+            on_text(text[start : start + self.chunk])
+            if self.delay:
+                time.sleep(self.delay)
+        return text

@@ -1,0 +1,453 @@
+"""The Discord adapter, connected through discord.py to a local fake of Discord.
+
+Gateway events are the recorded payloads under tests/payloads/discord/; what the
+bot sends is read off the fake's REST log, as it went over the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import discord
+import pytest
+import yarl
+
+from adapters.discord.client import DiscordAdapter
+from adapters.discord.translate import HELP_LINE, REFUSAL
+from bot.engine import APOLOGY, Engine, ModelRunner
+from bot.memory import InProcessMemory
+from bot.messages import ConversationKey
+from bot.model import LoadedModel
+from tests.conftest import greedy, make_settings
+from tests.fake_discord import (
+    ANN,
+    BOB,
+    BOT_ID,
+    BOT_ROLE,
+    DM,
+    GENERAL,
+    GUILD_ID,
+    OTHER_BOT,
+    RANDOM,
+    THREAD,
+    VIP_ROLE,
+    Call,
+    FakeDiscord,
+    payload,
+)
+from tests.scripted import ScriptedModel
+
+TOKEN = "MTAwMDAwMDAwMDAwMDAwMDAx.fake.discord-token-never-logged"
+
+
+@dataclass
+class Harness:
+    fake: FakeDiscord
+    adapter: DiscordAdapter
+    engine: Engine
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+    ids: Any
+
+    async def say(
+        self,
+        content: str,
+        *,
+        channel: str = GENERAL,
+        author: str = ANN,
+        bot: bool = False,
+        **changes: Any,
+    ) -> str:
+        """Dispatch a MESSAGE_CREATE; returns its message id."""
+        data = payload("message_create")
+        message_id = str(next(self.ids))
+        data.update(id=message_id, channel_id=channel, content=content, **changes)
+        data["author"] = {**data["author"], "id": author, "username": f"user{author[-2:]}"}
+        if bot:
+            data["author"]["bot"] = True
+        if channel == DM:
+            data.pop("guild_id")
+            data.pop("member")
+        await self.fake.dispatch("MESSAGE_CREATE", data)
+        return message_id
+
+    async def replies(self, count: int = 1, channel: str | None = None) -> list[Call]:
+        return await self.fake.wait_for(
+            lambda c: (
+                c.method == "POST"
+                and c.path.endswith("/messages")
+                and (channel is None or c.path == f"/channels/{channel}/messages")
+            ),
+            count,
+        )
+
+    async def settle(self) -> None:
+        """Let every reply in flight finish."""
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if not self.adapter._inflight:
+                return
+
+    async def interact(
+        self, name: str, options: list[dict[str, Any]] | None = None, **changes: Any
+    ) -> str:
+        data = payload("interaction_create")
+        interaction_id = str(next(self.ids))
+        data.update(id=interaction_id, token=f"token-{interaction_id}", **changes)
+        data["data"] = {**data["data"], "name": name, "options": options or []}
+        await self.fake.dispatch("INTERACTION_CREATE", data)
+        return interaction_id
+
+
+Factory = Callable[..., Any]
+
+
+@pytest.fixture
+async def discord_bot(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Factory]:
+    """Start the adapter against the fake; call it with settings and a model."""
+    harnesses: list[Harness] = []
+    fake = FakeDiscord()
+    base = await fake.start()
+    # discord.py itself, pointed at the fake: REST base and gateway address.
+    monkeypatch.setattr(discord.http.Route, "BASE", base)
+    monkeypatch.setattr(
+        discord.gateway.DiscordWebSocket,
+        "DEFAULT_GATEWAY",
+        yarl.URL(f"ws://127.0.0.1:{fake.port}/gateway"),
+    )
+
+    async def start(runner: ModelRunner | None = None, **values: Any) -> Harness:
+        settings = make_settings(discord_token=TOKEN, **values)
+        adapter = DiscordAdapter(settings, edit_interval=values.pop("edit_interval", 0.2))
+        # discord.py waits 2 s for more guilds before READY; the fake has only one.
+        adapter.client._connection.guild_ready_timeout = 0.05
+        engine = Engine(runner or ScriptedModel(), InProcessMemory(20, 3600))
+        stop = asyncio.Event()
+        task = asyncio.create_task(adapter.run(engine, stop))
+        await asyncio.wait_for(adapter.ready.wait(), 30)
+        harness = Harness(fake, adapter, engine, stop, task, itertools.count(6100000000000000001))
+        harnesses.append(harness)
+        return harness
+
+    yield start
+    for harness in harnesses:
+        harness.stop.set()
+        await asyncio.wait_for(harness.task, 30)
+        await harness.engine.close()
+    await fake.stop()
+
+
+def sent_texts(calls: list[Call]) -> list[str]:
+    return [str((c.body or {}).get("content", "")) for c in calls]
+
+
+# --- triggers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content",
+    [f"<@{BOT_ID}> hello there", f"<@!{BOT_ID}> hello there", f"hello there <@&{BOT_ROLE}>"],
+)
+async def test_mentions_are_answered_as_replies_without_pings(
+    discord_bot: Factory, content: str
+) -> None:
+    model = ScriptedModel("Hi @everyone and <@&4000000000000000003> and <@5000000000000000002>!")
+    bot = await discord_bot(model)
+    message_id = await bot.say(content)
+    (reply,) = await bot.replies()
+    await bot.settle()
+    body = reply.body or {}
+    assert reply.path == f"/channels/{GENERAL}/messages"
+    assert str(body["message_reference"]["message_id"]) == message_id
+    assert body["allowed_mentions"] == {"parse": [], "replied_user": False}
+    assert model.inputs == ["hello there"]  # the mention is stripped
+    assert any(c.path == f"/channels/{GENERAL}/typing" for c in bot.fake.calls)
+    # Every send and edit carried the no-ping allowed_mentions.
+    for call in bot.fake.sent() + bot.fake.edits():
+        assert (call.body or {})["allowed_mentions"]["parse"] == []
+    assert bot.fake.final_contents(GENERAL) == [model.reply]
+
+
+async def test_plain_channel_messages_and_ignored_authors(discord_bot: Factory) -> None:
+    model = ScriptedModel("ok")
+    bot = await discord_bot(model)
+    await bot.say("no mention here")
+    await bot.say(f"<@{BOT_ID}> from myself", author=BOT_ID)
+    await bot.say(f"<@{BOT_ID}> from another bot", author=OTHER_BOT, bot=True)
+    await bot.say(f"<@{BOT_ID}> joined", type=7)  # a system message (member join)
+    await bot.say(f"<@{BOT_ID}> the one to answer")
+    await bot.replies()
+    await bot.settle()
+    assert model.inputs == ["the one to answer"]
+    assert len(bot.fake.sent()) == 1
+
+
+async def test_other_bots_when_allowed(discord_bot: Factory) -> None:
+    model = ScriptedModel("ok")
+    bot = await discord_bot(model, discord_allow_bots=True)
+    await bot.say(f"<@{BOT_ID}> beep", author=OTHER_BOT, bot=True)
+    await bot.replies()
+    assert model.inputs == ["beep"]
+
+
+async def test_bare_mention_gets_help(discord_bot: Factory) -> None:
+    model = ScriptedModel()
+    bot = await discord_bot(model)
+    await bot.say(f"<@{BOT_ID}>")
+    (reply,) = await bot.replies()
+    assert (reply.body or {})["content"] == HELP_LINE
+    assert model.inputs == []
+
+
+async def test_dm_and_reply_to_the_bot(discord_bot: Factory) -> None:
+    model = ScriptedModel(lambda text: f"echo: {text}")
+    bot = await discord_bot(model)
+    await bot.say("a secret for the DM only", channel=DM)
+    (dm_reply,) = await bot.replies(channel=DM)
+    await bot.settle()
+    bot_message = payload("message_create")
+    bot_message.update(id="6900000000000000001", content="earlier answer")
+    bot_message["author"] = payload("ready")["user"]
+    bot_message.pop("member")
+    await bot.say(
+        "and a follow-up without a mention",
+        type=19,
+        message_reference={"message_id": "6900000000000000001", "channel_id": GENERAL},
+        referenced_message=bot_message,
+    )
+    await bot.replies(channel=GENERAL)
+    await bot.settle()
+    assert model.inputs == ["a secret for the DM only", "and a follow-up without a mention"]
+    # DM memory never reaches the guild channel's conversation.
+    dm = await bot.engine.memory.history(ConversationKey("discord", DM))
+    channel = await bot.engine.memory.history(ConversationKey("discord", GENERAL))
+    assert "secret" in dm[0].content
+    assert not any("secret" in turn.content for turn in channel)
+    assert model.histories[1] == []
+    assert bot.fake.final_contents(DM) == ["echo: a secret for the DM only"]
+    assert dm_reply.path == f"/channels/{DM}/messages"
+
+
+async def test_thread_follow_ups(discord_bot: Factory) -> None:
+    model = ScriptedModel("ok")
+    bot = await discord_bot(model)
+    await bot.say("before the bot took part", channel=THREAD)
+    await bot.say(f"<@{BOT_ID}> start here", channel=THREAD)
+    await bot.replies(channel=THREAD)
+    await bot.settle()
+    await bot.say("follow-up, no mention", channel=THREAD)
+    await bot.replies(2, channel=THREAD)
+    await bot.settle()
+    assert model.inputs == ["start here", "follow-up, no mention"]
+    history = await bot.engine.memory.history(ConversationKey("discord", GENERAL, THREAD))
+    assert [t.content for t in history if t.role == "user"] == model.inputs
+
+
+async def test_thread_follow_ups_can_be_turned_off(discord_bot: Factory) -> None:
+    model = ScriptedModel("ok")
+    bot = await discord_bot(model, discord_thread_followups=False)
+    await bot.say(f"<@{BOT_ID}> start here", channel=THREAD)
+    await bot.replies(channel=THREAD)
+    await bot.settle()
+    await bot.say("follow-up, no mention", channel=THREAD)
+    await bot.say(f"<@{BOT_ID}> with a mention", channel=THREAD)
+    await bot.replies(2, channel=THREAD)
+    assert model.inputs == ["start here", "with a mention"]
+
+
+# --- replies ----------------------------------------------------------------------------
+
+
+async def test_streaming_edits_end_with_the_whole_reply(discord_bot: Factory) -> None:
+    text = " ".join(f"word{i}" for i in range(60))
+    bot = await discord_bot(ScriptedModel(text, chunk=8, delay=0.03), edit_interval=0.25)
+    await bot.say(f"<@{BOT_ID}> stream please")
+    (first,) = await bot.replies()
+    await bot.settle()
+    edits = bot.fake.edits()
+    assert len(edits) >= 2, "the message grows by edits"
+    assert len((first.body or {})["content"]) < len(text), "posted as soon as there was text"
+    assert bot.fake.final_contents(GENERAL) == [text]
+    contents = [(first.body or {})["content"]] + [(e.body or {})["content"] for e in edits]
+    assert all(b.startswith(a) for a, b in itertools.pairwise(contents))
+
+
+async def test_edits_are_paced_per_channel(discord_bot: Factory) -> None:
+    text = "x " * 400
+    bot = await discord_bot(ScriptedModel(text, chunk=4, delay=0.005), edit_interval=0.3)
+    await bot.say(f"<@{BOT_ID}> go")
+    await bot.say(f"<@{BOT_ID}> go too", channel=RANDOM)
+    await bot.replies(2)
+    await bot.settle()
+    stamps = [(edit.path, edit.at) for edit in bot.fake.edits()]
+    for channel in (GENERAL, RANDOM):
+        times = [t for path, t in stamps if path.startswith(f"/channels/{channel}/")]
+        assert len(times) >= 2
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert min(gaps) >= 0.3 * 0.9, gaps
+    # Two channels edited in the same interval: the limiter is per channel.
+    general = [t for p, t in stamps if GENERAL in p]
+    other = [t for p, t in stamps if RANDOM in p]
+    assert min(abs(a - b) for a in general for b in other) < 0.3
+
+
+async def test_long_reply_is_split_with_code_fences(discord_bot: Factory) -> None:
+    code = "```python\n" + "\n".join(f"print('line {i}')" for i in range(300)) + "\n```"
+    text = "Here you go:\n\n" + code + "\n\nEnjoy " + "👍🏽" * 600
+    bot = await discord_bot(ScriptedModel(text, chunk=700))
+    await bot.say(f"<@{BOT_ID}> code please")
+    await bot.replies(3)
+    await bot.settle()
+    finals = bot.fake.final_contents(GENERAL)
+    assert len(finals) >= 4
+    assert all(len(m.encode("utf-16-le")) // 2 <= 2000 for m in finals)
+    code_parts = [m for m in finals if "print(" in m]
+    assert len(code_parts) >= 3
+    for part in code_parts:
+        assert part.count("```") == 2 and "```python\n" in part  # closed, reopened
+    lines = [ln for m in code_parts for ln in m.splitlines() if ln.startswith("print(")]
+    assert lines == [f"print('line {i}')" for i in range(300)]
+    tail = "".join(m for m in finals if "👍" in m)
+    assert tail.count("👍🏽") == 600 and "👍🏽" * 600 in tail.replace("Enjoy ", "")
+
+
+async def test_engine_failure_gets_an_apology(
+    discord_bot: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    bot = await discord_bot(ScriptedModel("fine", fail_on="explode"))
+    await bot.say(f"<@{BOT_ID}> please explode")
+    (reply,) = await bot.replies()
+    assert (reply.body or {})["content"] == APOLOGY
+    assert any(r.exc_info for r in caplog.records if r.levelno == logging.ERROR)
+    await bot.settle()
+    await bot.say(f"<@{BOT_ID}> and now?")
+    second = await bot.replies(2)
+    assert (second[1].body or {})["content"] == "fine"
+
+
+async def test_http_403_is_logged_with_the_channel_and_the_bot_carries_on(
+    discord_bot: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    bot = await discord_bot(ScriptedModel("ok"))
+    bot.fake.fail[GENERAL] = 403
+    await bot.say(f"<@{BOT_ID}> you can't answer here")
+    await bot.replies(channel=GENERAL)
+    await bot.settle()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(GENERAL in w and "403" in w for w in warnings), warnings
+    await bot.say(f"<@{BOT_ID}> but here", channel=RANDOM)
+    (ok,) = await bot.replies(channel=RANDOM)
+    assert (ok.body or {})["content"] == "ok"
+
+
+# --- access, rate limit, slash commands ------------------------------------------------------
+
+
+async def test_allow_lists(discord_bot: Factory) -> None:
+    model = ScriptedModel("ok")
+    bot = await discord_bot(model, discord_allowed_channels=RANDOM, discord_allowed_roles=VIP_ROLE)
+    vip_member = {**payload("message_create")["member"], "roles": [VIP_ROLE]}
+    await bot.say(f"<@{BOT_ID}> wrong channel", member=vip_member)
+    await bot.say(f"<@{BOT_ID}> no role", channel=RANDOM, author=BOB)
+    await bot.say(f"<@{BOT_ID}> allowed", channel=RANDOM, member=vip_member)
+    await bot.replies(channel=RANDOM)
+    await bot.settle()
+    assert model.inputs == ["allowed"]
+    assert bot.fake.sent(GENERAL) == []
+    await bot.interact(
+        "ask", [{"name": "prompt", "type": 3, "value": "let me in"}], channel_id=GENERAL
+    )
+    (refusal,) = await bot.fake.wait_for(lambda c: c.path.startswith("/interactions/"))
+    assert (refusal.body or {})["type"] == 4
+    assert (refusal.body or {})["data"]["content"] == REFUSAL
+    assert (refusal.body or {})["data"]["flags"] == 64  # ephemeral
+    assert model.inputs == ["allowed"]
+
+
+async def test_rate_limit_note_once_then_silence(discord_bot: Factory) -> None:
+    model = ScriptedModel("ok")
+    bot = await discord_bot(model, rate_limit_per_minute=2)
+    for i in range(5):
+        await bot.say(f"<@{BOT_ID}> message {i}")
+        await bot.replies(min(i + 1, 3))
+        await bot.settle()
+    texts = sent_texts(bot.fake.sent())
+    assert len(texts) == 3
+    assert texts[2].startswith("You're sending messages faster than I can answer")
+    assert model.inputs == ["message 0", "message 1"]
+
+
+async def test_slash_ask_reset_and_help(discord_bot: Factory) -> None:
+    model = ScriptedModel(lambda text: f"answer to {text}")
+    bot = await discord_bot(model)
+    synced = [c for c in bot.fake.calls if c.method == "PUT" and c.path.endswith("/commands")]
+    assert {cmd["name"] for cmd in synced[0].body or []} == {"ask", "reset", "help"}
+
+    await bot.interact("ask", [{"name": "prompt", "type": 3, "value": "what is up"}])
+    (edit,) = await bot.fake.wait_for(lambda c: c.path.endswith("/messages/@original"))
+    deferred = bot.fake.matching(lambda c: c.path.startswith("/interactions/"))[0]
+    assert (deferred.body or {})["type"] == 5  # "thinking…"
+    assert (edit.body or {})["content"] == "answer to what is up"
+    assert (edit.body or {})["allowed_mentions"] == {"parse": []}
+    key = ConversationKey("discord", GENERAL)
+    assert len(await bot.engine.memory.history(key)) == 2
+
+    await bot.interact("reset")
+    calls = await bot.fake.wait_for(lambda c: c.path.startswith("/interactions/"), 2)
+    assert (calls[1].body or {})["data"]["flags"] == 64
+    assert await bot.engine.memory.history(key) == []
+
+    await bot.interact("help")
+    calls = await bot.fake.wait_for(lambda c: c.path.startswith("/interactions/"), 3)
+    assert (calls[2].body or {})["data"]["content"] == HELP_LINE
+
+
+async def test_commands_sync_to_allowed_guilds(discord_bot: Factory) -> None:
+    bot = await discord_bot(discord_allowed_guilds=GUILD_ID)
+    puts = [c.path for c in bot.fake.calls if c.method == "PUT"]
+    assert puts == [f"/applications/{BOT_ID}/guilds/{GUILD_ID}/commands"]
+
+
+async def test_sigterm_lets_the_reply_in_flight_finish(discord_bot: Factory) -> None:
+    text = "slow " * 40
+    bot = await discord_bot(ScriptedModel(text, chunk=10, delay=0.05))
+    await bot.say(f"<@{BOT_ID}> take your time")
+    await bot.replies()
+    bot.stop.set()  # what SIGTERM does
+    await asyncio.wait_for(bot.task, 30)
+    assert bot.fake.final_contents(GENERAL) == [text.strip()]
+    history = await bot.engine.memory.history(ConversationKey("discord", GENERAL))
+    assert [t.role for t in history] == ["user", "assistant"]
+
+
+async def test_token_never_logged(discord_bot: Factory, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    bot = await discord_bot(ScriptedModel("ok"))
+    await bot.say(f"<@{BOT_ID}> hi")
+    await bot.replies()
+    await bot.settle()
+    assert TOKEN not in caplog.text
+    assert TOKEN not in repr(make_settings(discord_token=TOKEN))
+    assert any("invite the bot with" in r.getMessage() for r in caplog.records)
+    invite = next(r.getMessage() for r in caplog.records if "invite" in r.getMessage())
+    assert "scope=bot+applications.commands" in invite and f"client_id={BOT_ID}" in invite
+
+
+# --- the whole pipeline, on the real model -----------------------------------------------------
+
+
+@pytest.mark.model
+async def test_mention_answered_by_the_real_model(
+    discord_bot: Factory, bundled: LoadedModel
+) -> None:
+    bot = await discord_bot(greedy(bundled, max_new_tokens=16))
+    await bot.say(f"<@{BOT_ID}> What is the capital of France?")
+    await bot.replies()
+    await bot.settle()
+    (final,) = bot.fake.final_contents(GENERAL)
+    assert "Paris" in final
