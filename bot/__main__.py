@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(error.message, file=sys.stderr)  # noqa: T201 - user-facing, no traceback
         return 2
+    except ConnectionError as error:
+        log.error("%s", error)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

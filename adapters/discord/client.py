@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 import discord
 from discord import app_commands
 
@@ -356,5 +357,7 @@ class DiscordAdapter:
                 "Discord: enable the Message Content intent for this bot in the Developer "
                 "Portal (Bot > Privileged Gateway Intents)"
             ) from None
+        if isinstance(error, aiohttp.ClientError | OSError):
+            raise ConnectionError(f"Cannot connect to Discord: {error}") from None
         if error is not None:
             raise error

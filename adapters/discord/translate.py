@@ -134,7 +134,8 @@ def trigger(
         return Trigger.DIRECT
     if me.mention_pattern().search(message.content):
         return Trigger.MENTION
-    resolved = message.reference.resolved if message.reference else None
+    reference = message.reference
+    resolved = (reference.resolved or reference.cached_message) if reference else None
     if isinstance(resolved, discord.Message) and resolved.author.id == me.user_id:
         return Trigger.REPLY
     channel = message.channel
