@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -33,71 +32,13 @@ from adapters.discord.translate import (
     to_message,
     trigger,
 )
-from bot.engine import Engine, ReplyStream
+from bot.engine import Engine
 from bot.messages import Message
 from bot.ratelimit import RateLimiter, Verdict, rate_limit_note
 from bot.settings import ConfigError, Settings
+from bot.streaming import EditPacer, GrowingReply, play
 
 log = logging.getLogger(__name__)
-
-
-class EditPacer:
-    """At most one edit per `interval` seconds per channel (Discord rate-limits edits
-    per channel, so one global timer would slow every channel for the busiest)."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._last: dict[int, float] = {}
-
-    def due(self, channel_id: int) -> bool:
-        return time.monotonic() - self._last.get(channel_id, -self.interval) >= self.interval
-
-    async def wait(self, channel_id: int) -> None:
-        last = self._last.get(channel_id)
-        if last is not None:
-            await asyncio.sleep(max(0.0, last + self.interval - time.monotonic()))
-
-    def mark(self, channel_id: int) -> None:
-        now = time.monotonic()
-        self._last[channel_id] = now
-        if len(self._last) > 1000:  # forget quiet channels
-            self._last = {c: t for c, t in self._last.items() if now - t < self.interval}
-
-
-class ReplyWriter:
-    """The Discord messages of one reply: the first a reply to the user's message,
-    the rest (past 2,000 characters) following it in the channel."""
-
-    def __init__(self, origin: discord.Message, pacer: EditPacer) -> None:
-        self.origin = origin
-        self.pacer = pacer
-        self.sent: list[discord.Message] = []
-        self.shown: list[str] = []
-
-    async def show(self, text: str, *, final: bool = False) -> None:
-        channel_id = self.origin.channel.id
-        for index, part in enumerate(reply_parts(text)):
-            if index < len(self.sent):
-                if self.shown[index] == part:
-                    continue
-                if not final and not self.pacer.due(channel_id):
-                    continue  # the final pass catches up
-                await self.pacer.wait(channel_id)
-                self.pacer.mark(channel_id)
-                await self.sent[index].edit(content=part, allowed_mentions=NO_MENTIONS)
-            elif index == 0:
-                self.sent.append(
-                    await self.origin.reply(
-                        part, mention_author=False, allowed_mentions=NO_MENTIONS
-                    )
-                )
-                self.pacer.mark(channel_id)  # the first edit comes a full interval later
-            else:
-                self.sent.append(await self.origin.channel.send(part, allowed_mentions=NO_MENTIONS))
-            if index < len(self.shown):
-                self.shown[index] = part
-            else:
-                self.shown.append(part)
 
 
 class DiscordAdapter:
@@ -211,22 +152,21 @@ class DiscordAdapter:
         await self._tracked(self._answer(message, incoming))
 
     async def _answer(self, origin: discord.Message, incoming: Message) -> None:
-        writer = ReplyWriter(origin, self.pacer)
-        stream = self.engine.stream(incoming)
-        async with self._typing(origin.channel):
-            await self._safely(origin.channel, self._write(writer, stream))
+        """Stream the reply: the first part replies to `origin`, the rest follow it."""
 
-    async def _write(self, writer: ReplyWriter, stream: ReplyStream) -> None:
-        text = ""
-        try:
-            async for chunk in stream:
-                text += chunk
-                if text.strip():
-                    await writer.show(text)
-        finally:
-            await stream.aclose()
-        final = stream.reply.text if stream.reply else text
-        await writer.show(final, final=True)
+        async def post(index: int, part: str) -> discord.Message:
+            if index == 0:
+                return await origin.reply(part, mention_author=False, allowed_mentions=NO_MENTIONS)
+            return await origin.channel.send(part, allowed_mentions=NO_MENTIONS)
+
+        async def edit(message: discord.Message, part: str) -> object:
+            return await message.edit(content=part, allowed_mentions=NO_MENTIONS)
+
+        # Paced per channel: Discord rate-limits edits per channel, and one global
+        # timer would slow every channel down to the busiest one.
+        reply = GrowingReply(reply_parts, post, edit, self.pacer, lambda m: m.channel.id)
+        async with self._typing(origin.channel):
+            await self._safely(origin.channel, play(self.engine.stream(incoming), reply))
 
     async def _reply_text(self, origin: discord.Message, text: str) -> None:
         await origin.reply(text, mention_author=False, allowed_mentions=NO_MENTIONS)
