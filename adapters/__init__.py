@@ -18,4 +18,9 @@ def configured(settings: Settings) -> list[Adapter]:
         from adapters.discord.client import DiscordAdapter
 
         adapters.append(DiscordAdapter(settings))
+    if settings.slack_bot_token:
+        from adapters.slack.client import SlackAdapter
+        from bot.dedupe import open_dedupe
+
+        adapters.append(SlackAdapter(settings, dedupe=open_dedupe(settings)))
     return adapters

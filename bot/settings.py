@@ -17,6 +17,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic.networks import RedisDsn
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -88,12 +89,52 @@ class Settings(BaseSettings):
     discord_allow_bots: bool = False
     discord_thread_followups: bool = True
 
+    # Slack
+    slack_bot_token: SecretStr | None = None  # xoxb-…
+    slack_app_token: SecretStr | None = None  # xapp-…: Socket Mode; unset: HTTP mode
+    slack_signing_secret: SecretStr | None = None  # HTTP mode: verifies Slack's requests
+    port: int = Field(default=3000, ge=1, le=65535)  # HTTP mode: POST /slack/events
+    slack_allowed_channels: IdList = frozenset()
+    slack_allowed_users: IdList = frozenset()
+    slack_thread_followups: bool = True
+    slack_assistant: bool = True
+    slack_native_streaming: bool = False
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("discord_token", mode="before")
+    @field_validator(
+        "discord_token",
+        "slack_bot_token",
+        "slack_app_token",
+        "slack_signing_secret",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("slack_bot_token")
+    @classmethod
+    def _bot_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith("xoxb-"):
+            raise ValueError("a Slack bot token starts with xoxb-")
+        return value
+
+    @field_validator("slack_app_token")
+    @classmethod
+    def _app_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith("xapp-"):
+            raise ValueError("a Slack app-level token starts with xapp-")
+        return value
+
+    @model_validator(mode="after")
+    def _slack_mode(self) -> Settings:
+        if self.slack_bot_token and not (self.slack_app_token or self.slack_signing_secret):
+            raise ValueError(
+                "SLACK_SIGNING_SECRET is needed in HTTP mode "
+                "(or set SLACK_APP_TOKEN for Socket Mode)"
+            )
+        return self
 
     @field_validator(
         "discord_allowed_guilds",
@@ -177,9 +218,9 @@ def format_validation_error(exc: ValidationError) -> str:
     """One line per bad variable: its name and what is wrong, never its value."""
     lines = []
     for error in exc.errors(include_input=False, include_url=False):
-        name = str(error["loc"][0]).upper() if error["loc"] else "configuration"
         message = error["msg"].removeprefix("Value error, ")
-        lines.append(f"Invalid configuration: {name}: {message}")
+        name = f"{str(error['loc'][0]).upper()}: " if error["loc"] else ""
+        lines.append(f"Invalid configuration: {name}{message}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,176 @@
+"""A local fake of Slack's Web API (and its Socket Mode websocket), on 127.0.0.1.
+
+The bot's `AsyncWebClient` is pointed at it with `base_url`; every call is recorded
+with its arguments. `fail` queues error answers (429 with Retry-After, 500) for a
+method. Answers follow Slack's documented JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+PAYLOADS = Path(__file__).parent / "payloads" / "slack"
+BOT_USER = "U0BOT00001"
+BOT_ID = "B0BOT00001"
+TEAM = "T0TEAM0001"
+CHANNEL = "C0GENERAL1"
+OTHER_CHANNEL = "C0RANDOM01"
+DM = "D0DIRECT01"
+ANN = "U0ANN00001"
+BOB = "U0BOB00001"
+
+
+def payload(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((PAYLOADS / f"{name}.json").read_text())
+    return data
+
+
+@dataclass
+class Call:
+    method: str
+    args: dict[str, Any]
+    status: int = 200
+    response: dict[str, Any] | None = None
+    at: float = field(default_factory=time.monotonic)
+
+
+class FakeSlack:
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.changed = asyncio.Condition()
+        self.fail: dict[str, list[tuple[int, dict[str, str]]]] = {}
+        self.sockets: list[web.WebSocketResponse] = []
+        self.acks: list[str] = []
+        self._ts = itertools.count(1)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/api/{method}", self._api)
+        app.router.add_post("/respond/{id}", self._respond)
+        app.router.add_get("/socket", self._socket)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return f"http://127.0.0.1:{self.port}/api/"
+
+    async def stop(self) -> None:
+        for ws in list(self.sockets):
+            await ws.close()
+        if self._runner:
+            await self._runner.cleanup()
+
+    @property
+    def response_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/respond/1"
+
+    async def _record(self, call: Call) -> None:
+        async with self.changed:
+            self.calls.append(call)
+            self.changed.notify_all()
+
+    async def _api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        if request.content_type == "application/json":
+            args = dict(await request.json())
+        else:
+            args = dict(await request.post())
+        queued = self.fail.get(method)
+        if queued:
+            status, headers = queued.pop(0)
+            await self._record(Call(method, args, status))
+            body = {"ok": False, "error": "ratelimited" if status == 429 else "fatal_error"}
+            return web.json_response(body, status=status, headers=headers)
+        answer = self._answer(method, args)
+        await self._record(Call(method, args, response=answer))
+        return web.json_response(answer)
+
+    def _answer(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
+        ts = f"1700000{next(self._ts):03d}.000100"
+        channel = args.get("channel", CHANNEL)
+        if method == "auth.test":
+            return {
+                "ok": True,
+                "url": "https://test.slack.com/",
+                "team": "Test",
+                "user": "chatbot",
+                "team_id": TEAM,
+                "user_id": BOT_USER,
+                "bot_id": BOT_ID,
+                "is_enterprise_install": False,
+            }
+        if method == "chat.postMessage":
+            message = {"type": "message", "text": args.get("text"), "user": BOT_USER, "ts": ts}
+            return {"ok": True, "channel": channel, "ts": ts, "message": message}
+        if method == "chat.update":
+            return {"ok": True, "channel": channel, "ts": args.get("ts"), "text": args.get("text")}
+        if method == "chat.startStream":
+            return {"ok": True, "channel": channel, "ts": ts}
+        if method == "apps.connections.open":
+            return {"ok": True, "url": f"ws://127.0.0.1:{self.port}/socket"}
+        return {"ok": True}
+
+    async def _respond(self, request: web.Request) -> web.Response:
+        await self._record(Call("response_url", dict(await request.json())))
+        return web.Response(text="ok")
+
+    async def _socket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.sockets.append(ws)
+        hello = {"type": "hello", "num_connections": 1, "connection_info": {"app_id": "A1"}}
+        await ws.send_str(json.dumps(hello))
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                self.acks.append(json.loads(msg.data).get("envelope_id", ""))
+                async with self.changed:
+                    self.changed.notify_all()
+        self.sockets.remove(ws)
+        return ws
+
+    async def push(self, envelope: dict[str, Any]) -> None:
+        """Deliver a Socket Mode envelope to every connected client."""
+        for ws in self.sockets:
+            await ws.send_str(json.dumps(envelope))
+
+    # --- what the bot did ---------------------------------------------------------------
+
+    def of(self, method: str) -> list[Call]:
+        return [c for c in self.calls if c.method == method and c.status == 200]
+
+    def final_texts(self, channel: str) -> list[str]:
+        """What each message posted in `channel` says now, after chat.update."""
+        texts: list[str] = []
+        for post in self.of("chat.postMessage"):
+            if post.args.get("channel") != channel:
+                continue
+            text = str(post.args.get("text", ""))
+            for update in self.of("chat.update"):
+                if post.response and update.args.get("ts") == post.response["ts"]:
+                    text = str(update.args.get("text", ""))
+            texts.append(text)
+        return texts
+
+    async def wait_for(
+        self, predicate: Callable[[Call], bool], count: int = 1, within: float = 30
+    ) -> list[Call]:
+        async def enough() -> list[Call]:
+            async with self.changed:
+                await self.changed.wait_for(
+                    lambda: len([c for c in self.calls if predicate(c)]) >= count
+                )
+                return [c for c in self.calls if predicate(c)]
+
+        return await asyncio.wait_for(enough(), within)

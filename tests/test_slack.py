@@ -1,0 +1,491 @@
+"""The Slack adapter over real HTTP: Bolt serves /slack/events on 127.0.0.1, requests
+are signed like Slack signs them, and the bot's Web API calls go to a local fake.
+
+Event bodies are the recorded payloads under tests/payloads/slack/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+import pytest
+from slack_sdk.signature import SignatureVerifier
+
+from adapters.slack.client import GREETING, UNFINISHED, SlackAdapter
+from adapters.slack.translate import HELP_TEXT, REFUSAL, escape
+from bot.dedupe import Dedupe, RedisDedupe
+from bot.engine import Engine, ModelRunner
+from bot.memory import InProcessMemory
+from bot.messages import ConversationKey
+from bot.model import LoadedModel
+from tests.conftest import RedisServer, free_port, greedy, make_settings
+from tests.fake_slack import ANN, BOB, BOT_USER, CHANNEL, DM, OTHER_CHANNEL, FakeSlack, payload
+from tests.scripted import ScriptedModel
+
+SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
+BOT_TOKEN = "xoxb-17653672481-19874698323-pdFZKVeTuE8sk7oOcBrzbqgy"
+APP_TOKEN = "xapp-1-A0APP00001-1234567890-abcdef0123456789"
+
+
+@dataclass
+class SlackBot:
+    fake: FakeSlack
+    adapter: SlackAdapter
+    engine: Engine
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+    session: aiohttp.ClientSession
+    ids: Any
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.adapter.port}/slack/events"
+
+    async def post(
+        self,
+        body: str,
+        *,
+        content_type: str = "application/json",
+        secret: str | None = SECRET,
+        age: float = 0,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, str]:
+        timestamp = str(int(time.time() - age))
+        sent = {"Content-Type": content_type, **(headers or {})}
+        if secret is not None:
+            signature = SignatureVerifier(secret).generate_signature(timestamp=timestamp, body=body)
+            sent |= {"X-Slack-Request-Timestamp": timestamp, "X-Slack-Signature": str(signature)}
+        async with self.session.post(self.url, data=body.encode(), headers=sent) as response:
+            return response.status, await response.text()
+
+    def event_body(self, name: str = "app_mention", **event: Any) -> dict[str, Any]:
+        body = payload(name)
+        n = next(self.ids)
+        ts = f"1732900{n:03d}.000100"
+        body["event_id"] = f"Ev{n:010d}"
+        if "event" in body and "ts" in body["event"]:
+            body["event"].update(ts=ts, event_ts=ts)
+        body["event"].update(event)
+        return body
+
+    async def send(self, name: str = "app_mention", **event: Any) -> dict[str, Any]:
+        body = self.event_body(name, **event)
+        status, _ = await self.post(json.dumps(body))
+        assert status == 200
+        return body
+
+    async def command(self, command: str, text: str, channel: str = CHANNEL) -> int:
+        fields = payload("slash_command")
+        fields.update(
+            command=command, text=text, channel_id=channel, response_url=self.fake.response_url
+        )
+        status, _ = await self.post(
+            urlencode(fields), content_type="application/x-www-form-urlencoded"
+        )
+        return status
+
+    async def posts(self, count: int = 1, channel: str | None = None) -> list[Any]:
+        return await self.fake.wait_for(
+            lambda c: (
+                c.method == "chat.postMessage"
+                and c.status == 200
+                and (channel is None or c.args.get("channel") == channel)
+            ),
+            count,
+        )
+
+    async def settle(self) -> None:
+        for _ in range(300):
+            await asyncio.sleep(0.02)
+            if not self.adapter._inflight:
+                return
+
+
+Factory = Callable[..., Any]
+
+
+@pytest.fixture
+async def slack_bot() -> AsyncIterator[Factory]:
+    bots: list[SlackBot] = []
+    fake = FakeSlack()
+    base_url = await fake.start()
+    session = aiohttp.ClientSession()
+
+    async def start(
+        runner: ModelRunner | None = None, dedupe: Dedupe | None = None, **values: Any
+    ) -> SlackBot:
+        values.setdefault("slack_signing_secret", SECRET)
+        settings = make_settings(slack_bot_token=BOT_TOKEN, port=free_port(), **values)
+        adapter = SlackAdapter(
+            settings, dedupe=dedupe, base_url=base_url, edit_interval=0.2, host="127.0.0.1"
+        )
+        engine = Engine(runner or ScriptedModel(), InProcessMemory(20, 3600))
+        stop = asyncio.Event()
+        task = asyncio.create_task(adapter.run(engine, stop))
+        await asyncio.wait_for(adapter.ready.wait(), 30)
+        bot = SlackBot(fake, adapter, engine, stop, task, session, itertools.count(len(bots) * 100))
+        bots.append(bot)
+        return bot
+
+    yield start
+    for bot in bots:
+        bot.stop.set()
+        await asyncio.wait_for(bot.task, 30)
+        await bot.engine.close()
+    await session.close()
+    await fake.stop()
+
+
+# --- HTTP, signatures, url_verification ---------------------------------------------------
+
+
+async def test_url_verification(slack_bot: Factory) -> None:
+    bot = await slack_bot()
+    body = payload("url_verification")
+    status, text = await bot.post(json.dumps(body))
+    assert status == 200 and body["challenge"] in text
+
+
+async def test_bad_missing_and_stale_signatures_are_refused(slack_bot: Factory) -> None:
+    model = ScriptedModel("never")
+    bot = await slack_bot(model)
+    body = json.dumps(bot.event_body())
+    assert (await bot.post(body, secret="the-wrong-secret"))[0] == 401
+    assert (await bot.post(body, secret=None))[0] == 401
+    assert (await bot.post(body, age=6 * 60))[0] == 401  # a replay, 6 minutes old
+    await asyncio.sleep(0.3)
+    assert model.inputs == [] and bot.fake.of("chat.postMessage") == []
+
+
+# --- triggers and conversations -----------------------------------------------------------------
+
+
+async def test_mention_is_answered_in_its_thread(slack_bot: Factory) -> None:
+    model = ScriptedModel("**Paris**, of course.")
+    bot = await slack_bot(model)
+    body = await bot.send("app_mention")
+    (post,) = await bot.posts()
+    await bot.settle()
+    ts = body["event"]["ts"]
+    assert post.args["channel"] == CHANNEL and post.args["thread_ts"] == ts
+    assert model.inputs == ["What is the capital of France?"]
+    assert bot.fake.final_texts(CHANNEL) == ["*Paris*, of course."]
+    history = await bot.engine.memory.history(ConversationKey("slack", CHANNEL, ts))
+    assert [t.role for t in history] == ["user", "assistant"]
+
+
+async def test_dm_is_answered_in_the_dm(slack_bot: Factory) -> None:
+    model = ScriptedModel("Hi!")
+    bot = await slack_bot(model)
+    await bot.send("message")
+    (post,) = await bot.posts(channel=DM)
+    await bot.settle()
+    assert not post.args.get("thread_ts")  # straight into the DM, no thread
+    await bot.send("message", text="And again")
+    await bot.posts(2, channel=DM)
+    await bot.settle()
+    # A DM's top-level messages are one conversation.
+    assert [len(h) for h in model.histories] == [0, 2]
+
+
+async def test_thread_follow_ups_without_a_mention(slack_bot: Factory) -> None:
+    model = ScriptedModel("ok")
+    bot = await slack_bot(model)
+    root = (await bot.send("app_mention"))["event"]["ts"]
+    await bot.posts()
+    await bot.settle()
+    follow = {"channel": CHANNEL, "channel_type": "channel", "thread_ts": root}
+    await bot.send("message", text="and what about Spain?", **follow)
+    await bot.send("message", text="a thread the bot is not in", **{**follow, "thread_ts": "1.0"})
+    await bot.send("message", text="top-level chatter", channel=CHANNEL, channel_type="channel")
+    # A mention also arrives as a message event: app_mention answers it, not this.
+    await bot.send("message", text=f"<@{BOT_USER}> hi", channel=CHANNEL, channel_type="channel")
+    await bot.posts(2)
+    await bot.settle()
+    assert model.inputs == ["What is the capital of France?", "and what about Spain?"]
+    assert bot.fake.of("chat.postMessage")[1].args["thread_ts"] == root
+
+
+async def test_thread_follow_ups_can_be_turned_off(slack_bot: Factory) -> None:
+    model = ScriptedModel("ok")
+    bot = await slack_bot(model, slack_thread_followups=False)
+    root = (await bot.send("app_mention"))["event"]["ts"]
+    await bot.posts()
+    await bot.settle()
+    await bot.send(
+        "message", text="follow", channel=CHANNEL, channel_type="channel", thread_ts=root
+    )
+    await asyncio.sleep(0.3)
+    await bot.settle()
+    assert len(model.inputs) == 1
+
+
+async def test_bots_and_edits_are_ignored(slack_bot: Factory) -> None:
+    model = ScriptedModel("ok")
+    bot = await slack_bot(model)
+    await bot.send("bot_message")
+    await bot.send("message_changed")
+    await bot.send("message", user=BOT_USER)  # our own message echoed back
+    await bot.send("message", text="the real one")
+    await bot.posts()
+    await bot.settle()
+    assert model.inputs == ["the real one"]
+
+
+async def test_bare_mention_gets_help(slack_bot: Factory) -> None:
+    model = ScriptedModel()
+    bot = await slack_bot(model)
+    await bot.send("app_mention", text=f"<@{BOT_USER}>")
+    (post,) = await bot.posts()
+    assert post.args["text"] == HELP_TEXT and model.inputs == []
+
+
+# --- exactly one reply --------------------------------------------------------------------------
+
+
+async def test_retried_event_is_answered_once(slack_bot: Factory) -> None:
+    model = ScriptedModel("once")
+    bot = await slack_bot(model)
+    body = json.dumps(bot.event_body())
+    await bot.post(body)
+    await bot.post(body, headers={"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"})
+    await bot.post(body, headers={"X-Slack-Retry-Num": "2", "X-Slack-Retry-Reason": "http_error"})
+    await bot.posts()
+    await asyncio.sleep(0.3)
+    await bot.settle()
+    assert len(bot.fake.of("chat.postMessage")) == 1 and len(model.inputs) == 1
+
+
+async def test_two_replicas_sharing_redis_answer_once(
+    slack_bot: Factory, redis_server: RedisServer
+) -> None:
+    first_model, second_model = ScriptedModel("from one"), ScriptedModel("from two")
+    first = await slack_bot(first_model, RedisDedupe(redis_server.url))
+    second = await slack_bot(second_model, RedisDedupe(redis_server.url))
+    body = json.dumps(first.event_body())
+    await asyncio.gather(first.post(body), second.post(body))
+    await first.posts()
+    await asyncio.sleep(0.3)
+    await first.settle()
+    await second.settle()
+    assert len(first.fake.of("chat.postMessage")) == 1
+    assert len(first_model.inputs) + len(second_model.inputs) == 1
+
+
+# --- formatting, splitting, streaming --------------------------------------------------------
+
+
+async def test_mention_injection_is_escaped(slack_bot: Factory) -> None:
+    hostile = f"<!channel> <!here> <!everyone> <@{BOB}> <@{ANN}|ann> & **bold** [x](https://e.com)"
+    bot = await slack_bot(ScriptedModel(hostile))
+    await bot.send("app_mention")
+    await bot.posts()
+    await bot.settle()
+    (text,) = bot.fake.final_texts(CHANNEL)
+    for forbidden in ("<!channel>", "<!here>", "<!everyone>", f"<@{BOB}>", f"<@{ANN}|"):
+        assert forbidden not in text
+    assert "&lt;!channel&gt;" in text and "&amp;" in text
+    assert "*bold*" in text and "<https://e.com|x>" in text
+
+
+async def test_long_reply_goes_on_in_further_thread_messages(slack_bot: Factory) -> None:
+    code = "```python\n" + "\n".join(f"x_{i} = {i}" for i in range(700)) + "\n```"
+    text = "Here:\n\n" + code + "\n\nThat is all."
+    bot = await slack_bot(ScriptedModel(text, chunk=2000))
+    body = await bot.send("app_mention")
+    await bot.posts(3)
+    await bot.settle()
+    finals = bot.fake.final_texts(CHANNEL)
+    assert len(finals) >= 3 and all(len(t) <= 3900 for t in finals)
+    assert all(p.args["thread_ts"] == body["event"]["ts"] for p in bot.fake.of("chat.postMessage"))
+    assert all(t.count("```") % 2 == 0 for t in finals)  # every part's fences closed
+    lines = [ln for t in finals for ln in t.splitlines() if ln.startswith("x_")]
+    assert lines == [f"x_{i} = {i}" for i in range(700)]
+
+
+async def test_streaming_by_chat_update(slack_bot: Factory) -> None:
+    text = " ".join(f"word{i}" for i in range(80))
+    bot = await slack_bot(ScriptedModel(text, chunk=8, delay=0.02))
+    await bot.send("app_mention")
+    (first,) = await bot.posts()
+    await bot.settle()
+    updates = bot.fake.of("chat.update")
+    assert len(updates) >= 2 and len(first.args["text"]) < len(text)
+    assert bot.fake.final_texts(CHANNEL) == [text]
+    gaps = [b.at - a.at for a, b in itertools.pairwise(updates)]
+    assert min(gaps) >= 0.2 * 0.9  # at most one update per interval per message
+
+
+async def test_streaming_with_slacks_streaming_api(slack_bot: Factory) -> None:
+    text = "Streaming <!here> works " + "and goes on " * 40
+    bot = await slack_bot(ScriptedModel(text, chunk=10, delay=0.005), slack_native_streaming=True)
+    body = await bot.send("app_mention")
+    await bot.fake.wait_for(lambda c: c.method == "chat.stopStream")
+    await bot.settle()
+    (start,) = bot.fake.of("chat.startStream")
+    assert start.args["thread_ts"] == body["event"]["ts"]
+    assert start.args["recipient_user_id"] == ANN
+    streamed = ""
+    for call in bot.fake.calls:
+        if call.method in ("chat.startStream", "chat.appendStream", "chat.stopStream"):
+            streamed += str(call.args.get("markdown_text") or "")
+            streamed += "".join(c["text"] for c in call.args.get("chunks") or [])
+    assert streamed == escape(text)
+    assert bot.fake.of("chat.postMessage") == []
+
+
+# --- assistant, slash commands, access --------------------------------------------------------
+
+
+async def test_assistant_thread_greeting_status_and_answer(slack_bot: Factory) -> None:
+    model = ScriptedModel("Assistant answer.")
+    bot = await slack_bot(model)
+    started = bot.event_body("assistant_thread_started")
+    await bot.post(json.dumps(started))
+    (greeting,) = await bot.posts()
+    thread = started["event"]["assistant_thread"]["thread_ts"]
+    assert greeting.args["text"] == GREETING and greeting.args["thread_ts"] == thread
+    (prompts,) = await bot.fake.wait_for(
+        lambda c: c.method == "assistant.threads.setSuggestedPrompts"
+    )
+    assert [p["title"] for p in prompts.args["prompts"]] == [
+        "Explain something",
+        "Brainstorm",
+        "Write",
+    ]
+    await bot.send("message", text="Help me", thread_ts=thread)
+    (status,) = await bot.fake.wait_for(lambda c: c.method == "assistant.threads.setStatus")
+    assert status.args["status"] == "is thinking…"
+    posts = await bot.posts(2)
+    await bot.settle()
+    assert posts[1].args["thread_ts"] == thread and model.inputs == ["Help me"]
+    assert bot.fake.final_texts(DM)[-1] == "Assistant answer."
+
+
+async def test_slash_ask_and_reset(slack_bot: Factory) -> None:
+    model = ScriptedModel(lambda text: f"answer to {text}")
+    bot = await slack_bot(model)
+    assert await bot.command("/ask", "what is up") == 200
+    root, answer = await bot.posts(2)
+    await bot.settle()
+    assert root.args["text"] == f"<@{ANN}> asked: what is up"
+    assert answer.args["thread_ts"] == root.response["ts"]
+    assert bot.fake.final_texts(CHANNEL)[-1] == "answer to what is up"
+
+    await bot.send("message", text="remember me")
+    await bot.posts(3)
+    await bot.settle()
+    assert await bot.engine.memory.history(ConversationKey("slack", DM))
+    assert await bot.command("/reset", "", channel=DM) == 200
+    (respond,) = await bot.fake.wait_for(lambda c: c.method == "response_url")
+    assert respond.args["response_type"] == "ephemeral"
+    assert await bot.engine.memory.history(ConversationKey("slack", DM)) == []
+
+
+async def test_allow_lists(slack_bot: Factory) -> None:
+    model = ScriptedModel("ok")
+    bot = await slack_bot(model, slack_allowed_channels=OTHER_CHANNEL, slack_allowed_users=ANN)
+    await bot.send("app_mention")  # in CHANNEL: not allowed
+    await bot.send("app_mention", channel=OTHER_CHANNEL, user=BOB)  # BOB: not allowed
+    await bot.send("app_mention", channel=OTHER_CHANNEL, text=f"<@{BOT_USER}> let me")
+    await bot.posts()
+    await bot.settle()
+    assert model.inputs == ["let me"]
+    await bot.command("/ask", "sneaky")
+    (refusal,) = await bot.fake.wait_for(lambda c: c.method == "response_url")
+    assert refusal.args["text"] == REFUSAL and refusal.args["response_type"] == "ephemeral"
+
+
+async def test_rate_limit(slack_bot: Factory) -> None:
+    model = ScriptedModel("ok")
+    bot = await slack_bot(model, rate_limit_per_minute=1)
+    for i in range(3):
+        await bot.send("message", text=f"m{i}")
+        await bot.posts(min(i + 1, 2))
+        await bot.settle()
+    texts = [c.args["text"] for c in bot.fake.of("chat.postMessage")]
+    assert len(texts) == 2 and texts[1].startswith("You're sending messages faster")
+    assert model.inputs == ["m0"]
+
+
+# --- Web API errors ------------------------------------------------------------------------
+
+
+async def test_429_is_retried_after_retry_after(slack_bot: Factory) -> None:
+    bot = await slack_bot(ScriptedModel("patient"))
+    bot.fake.fail["chat.postMessage"] = [(429, {"Retry-After": "1"})]
+    await bot.send("app_mention")
+    await bot.posts()
+    await bot.settle()
+    attempts = [c for c in bot.fake.calls if c.method == "chat.postMessage"]
+    assert [c.status for c in attempts] == [429, 200]
+    assert attempts[1].at - attempts[0].at >= 0.9
+    assert bot.fake.final_texts(CHANNEL) == ["patient"]
+
+
+async def test_500_is_retried_then_reported(
+    slack_bot: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    bot = await slack_bot(ScriptedModel("resilient"))
+    bot.fake.fail["chat.postMessage"] = [(500, {})]
+    await bot.send("app_mention")
+    await bot.posts()
+    await bot.settle()
+    assert bot.fake.final_texts(CHANNEL) == ["resilient"]
+    # Failing for good: logged with the channel, the user told where possible, no crash.
+    bot.fake.fail["chat.postMessage"] = [(500, {})] * 2
+    await bot.send("app_mention", text=f"<@{BOT_USER}> again")
+    await bot.posts(2)
+    await bot.settle()
+    assert any(CHANNEL in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert bot.fake.final_texts(CHANNEL)[-1] == UNFINISHED
+    assert not bot.task.done()
+
+
+# --- Socket Mode ------------------------------------------------------------------------------
+
+
+async def test_socket_mode_receives_acks_and_answers(slack_bot: Factory) -> None:
+    model = ScriptedModel("over the socket")
+    bot = await slack_bot(model, slack_app_token=APP_TOKEN, slack_signing_secret=None)
+    assert bot.adapter.socket_handler is not None
+    await bot.fake.wait_for(lambda c: c.method == "apps.connections.open")
+    for _ in range(100):
+        if bot.fake.sockets:
+            break
+        await asyncio.sleep(0.05)
+    envelope = {
+        "envelope_id": "env-0001",
+        "type": "events_api",
+        "accepts_response_payload": False,
+        "retry_attempt": 0,
+        "retry_reason": "",
+        "payload": bot.event_body("app_mention"),
+    }
+    await bot.fake.push(envelope)
+    await bot.posts()
+    await bot.settle()
+    assert "env-0001" in bot.fake.acks
+    assert bot.fake.final_texts(CHANNEL) == ["over the socket"]
+
+
+# --- the whole pipeline, on the real model -----------------------------------------------------
+
+
+@pytest.mark.model
+async def test_mention_answered_by_the_real_model(slack_bot: Factory, bundled: LoadedModel) -> None:
+    bot = await slack_bot(greedy(bundled, max_new_tokens=16))
+    await bot.send("app_mention")
+    await bot.posts()
+    await bot.settle()
+    (text,) = bot.fake.final_texts(CHANNEL)
+    assert "Paris" in text
