@@ -42,6 +42,10 @@ def test_env_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         ("DTYPE", "bf17", "'auto', 'bf16', 'fp16' or 'fp32'"),
         ("DEVICE", "gpu", "expected auto, cpu"),
         ("MEMORY_MAX_TURNS", "many", "valid integer"),
+        ("SLACK_BOT_TOKEN", "not-a-token", "starts with xoxb-"),
+        ("SLACK_APP_TOKEN", "xoxb-wrong-kind", "starts with xapp-"),
+        ("DISCORD_ALLOWED_USERS", "123,ann", "Discord ids are numbers"),
+        ("PORT", "99999", "less than or equal to 65535"),
     ],
 )
 def test_bad_value_names_variable_and_exits_2(
@@ -55,6 +59,16 @@ def test_bad_value_names_variable_and_exits_2(
     assert expected in lines[0]
     assert "Traceback" not in result.stderr
     assert "s3cretpass" not in result.stderr + result.stdout
+
+
+def test_slack_http_mode_needs_the_signing_secret(tmp_path: Path) -> None:
+    env = bot_env(SLACK_BOT_TOKEN="xoxb-1-2-secretpart")
+    result = run_bot(env=env, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "Invalid configuration: SLACK_SIGNING_SECRET is needed in HTTP mode "
+        "(or set SLACK_APP_TOKEN for Socket Mode)"
+    )
 
 
 def test_unreachable_redis_at_start_exits_2_with_masked_url(tmp_path: Path) -> None:

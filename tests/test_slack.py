@@ -489,3 +489,18 @@ async def test_mention_answered_by_the_real_model(slack_bot: Factory, bundled: L
     await bot.settle()
     (text,) = bot.fake.final_texts(CHANNEL)
     assert "Paris" in text
+
+
+async def test_sigterm_lets_the_reply_in_flight_finish(slack_bot: Factory) -> None:
+    text = "slow " * 40
+    bot = await slack_bot(ScriptedModel(text, chunk=10, delay=0.05))
+    body = await bot.send("app_mention")
+    await bot.posts()
+    bot.stop.set()  # what SIGTERM does
+    await asyncio.wait_for(bot.task, 30)
+    assert bot.fake.final_texts(CHANNEL) == [text.strip()]
+    key = ConversationKey("slack", CHANNEL, body["event"]["ts"])
+    assert [t.role for t in await bot.engine.memory.history(key)] == ["user", "assistant"]
+    # Stopped: the endpoint is closed, no new messages are taken.
+    with pytest.raises(aiohttp.ClientConnectorError):
+        await bot.post(json.dumps(bot.event_body()))
