@@ -12,10 +12,8 @@ import logging
 import time
 from typing import Protocol
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
-from bot.settings import Settings, mask_url
+from bot.redis_client import REDIS_ERRORS, Outages, connect
+from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -51,25 +49,18 @@ class InProcessDedupe:
 
 class RedisDedupe:
     def __init__(self, url: str, ttl_seconds: int = 600, timeout: float = 2.0) -> None:
-        self._masked = mask_url(url)
         self._ttl = ttl_seconds
-        self._redis = aioredis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        self._redis = connect(url, timeout)
         self._fallback = InProcessDedupe(ttl_seconds)
-        self._down = False
+        self._outages = Outages(url, "deduping events in this process only")
 
     async def first(self, key: str) -> bool:
         try:
-            claimed = await self._redis.set(KEY_PREFIX + key, b"1", nx=True, ex=self._ttl)
-        except (RedisError, OSError) as exc:
-            if not self._down:
-                self._down = True
-                log.warning(
-                    "Redis at %s unreachable for event dedupe (%s): deduping in this process",
-                    self._masked,
-                    type(exc).__name__,
-                )
+            claimed = await self._redis.set(KEY_PREFIX + key, "1", nx=True, ex=self._ttl)
+        except REDIS_ERRORS as exc:
+            self._outages.failed("dedupe an event", exc)
             return await self._fallback.first(key)
-        self._down = False
+        self._outages.succeeded()
         return bool(claimed)
 
     async def close(self) -> None:

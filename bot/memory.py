@@ -20,19 +20,14 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bot.messages import ConversationKey, Turn
-from bot.settings import ConfigError, Settings, mask_url
+from bot.redis_client import REDIS_ERRORS, Outages, connect
+from bot.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "chatbot:conv:"
-_OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 def redis_key(conversation: ConversationKey) -> str:
@@ -131,55 +126,28 @@ class RedisMemory:
         timeout: float = 2.0,
         connection_class: type[aioredis.Connection] | None = None,
     ) -> None:
-        self._masked_url = mask_url(url)
         self._max_turns = max_turns
         self._ttl = ttl_seconds
-        extra = {"connection_class": connection_class} if connection_class else {}
-        # One quick retry: a pooled connection to a restarted server fails once,
-        # then reconnects. No backoff, so an outage costs a reply at most ~2 timeouts.
-        self._redis = aioredis.from_url(
-            url,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-            retry=Retry(NoBackoff(), 1),
-            decode_responses=True,
-            **extra,
-        )
-        self._down = False
+        self._redis = connect(url, timeout, connection_class)
+        self._outages = Outages(url, "replying without memory")
 
     async def check(self) -> None:
         """Ping Redis once; raise ConfigError (exit code 2) naming the masked URL if not."""
         try:
             await self._redis.ping()
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise ConfigError(
-                f"Cannot reach Redis at {self._masked_url} (REDIS_URL): {type(exc).__name__}"
+                f"Cannot reach Redis at {self._outages.masked_url} (REDIS_URL): "
+                f"{type(exc).__name__}"
             ) from None
-
-    def _failed(self, action: str, exc: Exception) -> None:
-        if isinstance(exc, _OUTAGE_ERRORS):
-            if not self._down:
-                self._down = True
-                log.warning(
-                    "Redis at %s is unreachable (%s); replying without memory until it is back",
-                    self._masked_url,
-                    type(exc).__name__,
-                )
-        else:
-            log.exception("Redis error while trying to %s; going on without memory", action)
-
-    def _succeeded(self) -> None:
-        if self._down:
-            self._down = False
-            log.info("Redis at %s is reachable again; memory resumes", self._masked_url)
 
     async def history(self, conversation: ConversationKey) -> list[Turn]:
         try:
             raw = await self._redis.lrange(redis_key(conversation), 0, -1)
-        except (RedisError, OSError) as exc:
-            self._failed("read history", exc)
+        except REDIS_ERRORS as exc:
+            self._outages.failed("read history", exc)
             return []
-        self._succeeded()
+        self._outages.succeeded()
         return [turn for turn in map(decode_turn, raw) if turn is not None]
 
     async def append(self, conversation: ConversationKey, turns: Sequence[Turn]) -> None:
@@ -192,18 +160,18 @@ class RedisMemory:
                 pipe.ltrim(key, -self._max_turns, -1)
                 pipe.expire(key, self._ttl)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._failed("store turns", exc)
+        except REDIS_ERRORS as exc:
+            self._outages.failed("store turns", exc)
             return
-        self._succeeded()
+        self._outages.succeeded()
 
     async def reset(self, conversation: ConversationKey) -> None:
         try:
             await self._redis.delete(redis_key(conversation))
-        except (RedisError, OSError) as exc:
-            self._failed("reset a conversation", exc)
+        except REDIS_ERRORS as exc:
+            self._outages.failed("reset a conversation", exc)
             return
-        self._succeeded()
+        self._outages.succeeded()
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -16,12 +16,13 @@ import copy
 import itertools
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
+
+from tests.fake_server import FakeServer
 
 PAYLOADS = Path(__file__).parent / "payloads" / "discord"
 BOT_ID = "1000000000000000001"
@@ -60,36 +61,21 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     )
 
 
-class FakeDiscord:
+class FakeDiscord(FakeServer[Call]):
     def __init__(self) -> None:
-        self.calls: list[Call] = []
-        self.sockets: list[web.WebSocketResponse] = []
+        super().__init__()
         self.identified = asyncio.Event()
-        self.changed = asyncio.Condition()
         self.fail: dict[str, int] = {}  # channel id -> HTTP status for message sends
         self._ids = itertools.count(9000000000000000001)
         self._seq = itertools.count(1)
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
-    # --- lifecycle -----------------------------------------------------------------
-
-    async def start(self) -> str:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_get("/gateway", self._gateway)
         app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return f"http://127.0.0.1:{self.port}/api/v10"
 
-    async def stop(self) -> None:
-        for ws in list(self.sockets):
-            await ws.close()
-        if self._runner:
-            await self._runner.cleanup()
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v10"
 
     # --- gateway -------------------------------------------------------------------
 
@@ -127,9 +113,7 @@ class FakeDiscord:
         path = "/" + request.match_info["tail"]
         body = await request.json() if request.can_read_body else None
         call = Call(request.method, path, body, dict(request.query))
-        async with self.changed:
-            self.calls.append(call)
-            self.changed.notify_all()
+        await self.record(call)
         parts = path.strip("/").split("/")
         if path == "/oauth2/applications/@me":
             return json_response(payload("application"))
@@ -218,18 +202,3 @@ class FakeDiscord:
 
     def edits(self) -> list[Call]:
         return [c for c in self.calls if c.method == "PATCH" and "/messages/" in c.path]
-
-    def matching(self, predicate: Callable[[Call], bool]) -> list[Call]:
-        return [c for c in self.calls if predicate(c)]
-
-    async def wait_for(
-        self, predicate: Callable[[Call], bool], count: int = 1, within: float = 60
-    ) -> list[Call]:
-        """Wait until `count` recorded calls satisfy `predicate`."""
-
-        async def enough() -> list[Call]:
-            async with self.changed:
-                await self.changed.wait_for(lambda: len(self.matching(predicate)) >= count)
-                return self.matching(predicate)
-
-        return await asyncio.wait_for(enough(), within)

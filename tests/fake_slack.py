@@ -7,16 +7,16 @@ method. Answers follow Slack's documented JSON.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
+
+from tests.fake_server import FakeServer
 
 PAYLOADS = Path(__file__).parent / "payloads" / "slack"
 BOT_USER = "U0BOT00001"
@@ -43,43 +43,25 @@ class Call:
     at: float = field(default_factory=time.monotonic)
 
 
-class FakeSlack:
+class FakeSlack(FakeServer[Call]):
     def __init__(self) -> None:
-        self.calls: list[Call] = []
-        self.changed = asyncio.Condition()
+        super().__init__()
         self.fail: dict[str, list[tuple[int, dict[str, str]]]] = {}
-        self.sockets: list[web.WebSocketResponse] = []
         self.acks: list[str] = []
         self._ts = itertools.count(1)
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
-    async def start(self) -> str:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/api/{method}", self._api)
         app.router.add_post("/respond/{id}", self._respond)
         app.router.add_get("/socket", self._socket)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return f"http://127.0.0.1:{self.port}/api/"
 
-    async def stop(self) -> None:
-        for ws in list(self.sockets):
-            await ws.close()
-        if self._runner:
-            await self._runner.cleanup()
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/"  # slack_sdk wants the trailing slash
 
     @property
     def response_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/respond/1"
-
-    async def _record(self, call: Call) -> None:
-        async with self.changed:
-            self.calls.append(call)
-            self.changed.notify_all()
 
     async def _api(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
@@ -90,11 +72,11 @@ class FakeSlack:
         queued = self.fail.get(method)
         if queued:
             status, headers = queued.pop(0)
-            await self._record(Call(method, args, status))
+            await self.record(Call(method, args, status))
             body = {"ok": False, "error": "ratelimited" if status == 429 else "fatal_error"}
             return web.json_response(body, status=status, headers=headers)
         answer = self._answer(method, args)
-        await self._record(Call(method, args, response=answer))
+        await self.record(Call(method, args, response=answer))
         return web.json_response(answer)
 
     def _answer(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -123,7 +105,7 @@ class FakeSlack:
         return {"ok": True}
 
     async def _respond(self, request: web.Request) -> web.Response:
-        await self._record(Call("response_url", dict(await request.json())))
+        await self.record(Call("response_url", dict(await request.json())))
         return web.Response(text="ok")
 
     async def _socket(self, request: web.Request) -> web.WebSocketResponse:
@@ -162,15 +144,3 @@ class FakeSlack:
                     text = str(update.args.get("text", ""))
             texts.append(text)
         return texts
-
-    async def wait_for(
-        self, predicate: Callable[[Call], bool], count: int = 1, within: float = 30
-    ) -> list[Call]:
-        async def enough() -> list[Call]:
-            async with self.changed:
-                await self.changed.wait_for(
-                    lambda: len([c for c in self.calls if predicate(c)]) >= count
-                )
-                return [c for c in self.calls if predicate(c)]
-
-        return await asyncio.wait_for(enough(), within)

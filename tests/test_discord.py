@@ -112,7 +112,8 @@ async def discord_bot(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Factory]
     """Start the adapter against the fake; call it with settings and a model."""
     harnesses: list[Harness] = []
     fake = FakeDiscord()
-    base = await fake.start()
+    await fake.start()
+    base = fake.base_url
     # discord.py itself, pointed at the fake: REST base and gateway address.
     monkeypatch.setattr(discord.http.Route, "BASE", base)
     monkeypatch.setattr(

@@ -114,7 +114,7 @@ async def test_redis_outage_one_warning_then_resumes(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     memory = RedisMemory(redis_server.url, max_turns=10, ttl_seconds=600, timeout=0.5)
-    caplog.set_level(logging.INFO, logger="bot.memory")
+    caplog.set_level(logging.INFO, logger="bot.redis_client")
     await memory.append(A, turns("before"))
     redis_server.stop()
     for _ in range(3):

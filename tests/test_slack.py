@@ -117,7 +117,8 @@ Factory = Callable[..., Any]
 async def slack_bot() -> AsyncIterator[Factory]:
     bots: list[SlackBot] = []
     fake = FakeSlack()
-    base_url = await fake.start()
+    await fake.start()
+    base_url = fake.base_url
     session = aiohttp.ClientSession()
 
     async def start(

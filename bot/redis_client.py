@@ -1,0 +1,63 @@
+"""The bot's Redis connections: one way to open them, one way to report outages."""
+
+from __future__ import annotations
+
+import logging
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from bot.settings import mask_url
+
+log = logging.getLogger(__name__)
+
+# What an unreachable server raises; anything else is a bug or bad data.
+OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# What a Redis call may raise at all.
+REDIS_ERRORS = (RedisError, OSError)
+
+
+def connect(
+    url: str, timeout: float = 2.0, connection_class: type[aioredis.Connection] | None = None
+) -> aioredis.Redis:
+    """A client with short timeouts and one quick retry: a pooled connection to a
+    restarted server fails once, then reconnects; an outage costs a call ~2 timeouts."""
+    extra = {"connection_class": connection_class} if connection_class else {}
+    return aioredis.from_url(
+        url,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        retry=Retry(NoBackoff(), 1),
+        decode_responses=True,
+        **extra,
+    )
+
+
+class Outages:
+    """Logs one warning per outage (not one per call) and one line when it ends."""
+
+    def __init__(self, url: str, consequence: str) -> None:
+        self.masked_url = mask_url(url)
+        self.consequence = consequence
+        self.down = False
+
+    def failed(self, action: str, exc: BaseException) -> None:
+        if not isinstance(exc, OUTAGE_ERRORS):
+            log.error("Redis error while trying to %s; %s", action, self.consequence, exc_info=exc)
+        elif not self.down:
+            self.down = True
+            log.warning(
+                "Redis at %s is unreachable (%s); %s until it is back",
+                self.masked_url,
+                type(exc).__name__,
+                self.consequence,
+            )
+
+    def succeeded(self) -> None:
+        if self.down:
+            self.down = False
+            log.info("Redis at %s is reachable again", self.masked_url)
