@@ -45,7 +45,13 @@ async def build_engine(settings: Settings) -> Engine:
     finally:
         heartbeat.cancel()
     generator = Generator.from_settings(loaded, settings)
-    return Engine(generator, memory, workers=settings.generation_workers)
+    return Engine(
+        generator,
+        memory,
+        max_batch=settings.batch_size,
+        max_wait=settings.batch_wait_ms / 1000,
+        max_queue=settings.max_queue,
+    )
 
 
 async def serve(settings: Settings, adapters: Sequence[Adapter]) -> None:

@@ -12,20 +12,20 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import ParamSpec, Protocol, TypeVar
+from typing import Protocol
 
+from bot.batching import Batcher, BatchRunner
 from bot.memory import Memory
 from bot.messages import ConversationKey, Message, Reply, Turn, clean_text
 from bot.prompt import Prompt
 
 log = logging.getLogger(__name__)
-P = ParamSpec("P")
-R = TypeVar("R")
 
 APOLOGY = "Sorry, something went wrong while I was writing a reply. Please try again."
+BUSY = "I'm answering a lot of people right now. Please try again in a minute."
 EMPTY_MESSAGE_REPLY = "Ask me anything: write your message and I'll answer."
 NOTHING_TO_SAY = "I don't have an answer to that."
 
@@ -37,14 +37,10 @@ def truncation_note(prompt: Prompt) -> str:
     )
 
 
-class ModelRunner(Protocol):
+class ModelRunner(BatchRunner, Protocol):
     """What the engine needs of the model; blocking methods, run on worker threads."""
 
     def prepare(self, history: list[Turn], user_text: str) -> Prompt: ...
-
-    def generate(
-        self, prompt: Prompt, on_text: Callable[[str], None], stop: threading.Event
-    ) -> str: ...
 
 
 class _ConversationOrder:
@@ -95,11 +91,24 @@ class ReplyStream:
 class Engine:
     """Answers messages with the model and the conversation's memory."""
 
-    def __init__(self, runner: ModelRunner, memory: Memory, *, workers: int = 1) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        memory: Memory,
+        *,
+        max_batch: int = 16,
+        max_wait: float = 0.01,
+        max_queue: int = 256,
+    ) -> None:
         self.runner = runner
         self.memory = memory
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="generate")
+        self.max_queue = max_queue
+        # Prompt fitting on its own thread, so it never waits behind a running batch.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        self._generate_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.batcher = Batcher(runner, self._generate_pool, max_batch, max_wait)
         self._order = _ConversationOrder()
+        self._pending = 0
 
     def stream(self, message: Message) -> ReplyStream:
         """The reply to `message`, chunk by chunk as the model writes it."""
@@ -122,23 +131,48 @@ class Engine:
     def active_conversations(self) -> int:
         return len(self._order)
 
+    @property
+    def pending(self) -> int:
+        """Messages taken and not yet answered (queued, waiting or generating)."""
+        return self._pending
+
     async def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        await self.batcher.close()
+        self._prepare_pool.shutdown(wait=True, cancel_futures=True)
+        self._generate_pool.shutdown(wait=True, cancel_futures=True)
         await self.memory.close()
 
     async def _produce(self, message: Message, out: ReplyStream) -> AsyncGenerator[str, None]:
-        conversation = message.conversation
         text = clean_text(message.text)
         if not text.strip():
             out.reply = Reply(EMPTY_MESSAGE_REPLY)
             yield EMPTY_MESSAGE_REPLY
             return
+        if self._pending >= self.max_queue:
+            # A flood: say so at once rather than queue without bound.
+            log.warning("Busy: %d messages queued; turning one away", self._pending)
+            out.reply = Reply(BUSY, ok=False)
+            yield BUSY
+            return
+        self._pending += 1
+        try:
+            async for chunk in self._answer(message, text, out):
+                yield chunk
+        finally:
+            self._pending -= 1
+
+    async def _answer(
+        self, message: Message, text: str, out: ReplyStream
+    ) -> AsyncGenerator[str, None]:
+        conversation = message.conversation
         async with self._order.turn(conversation):
             started = time.perf_counter()
             history = await self.memory.history(conversation)
             parts: list[str] = []
             try:
-                prompt = await self._in_worker(self.runner.prepare, history, text)
+                prompt = await asyncio.get_running_loop().run_in_executor(
+                    self._prepare_pool, self.runner.prepare, history, text
+                )
                 if prompt.truncated:
                     note = truncation_note(prompt)
                     parts.append(note)
@@ -171,12 +205,8 @@ class Engine:
                 time.perf_counter() - started,
             )
 
-    async def _in_worker(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
-
     async def _generate(self, prompt: Prompt) -> AsyncIterator[str]:
-        """Run generation on a worker thread, yielding text as the thread decodes it."""
+        """Generate in the next batch, yielding text as the worker thread decodes it."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | None] = asyncio.Queue()
         stop = threading.Event()
@@ -185,17 +215,14 @@ class Engine:
             if not loop.is_closed():  # the bot may be shutting down under the thread
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        def run() -> str:
-            try:
-                return self.runner.generate(prompt, hand_over, stop)
-            finally:
-                hand_over(None)
-
-        future = loop.run_in_executor(self._executor, run)
+        # The worker's text reaches the loop before the batch's result does, so the
+        # end marker queued on completion comes after the last piece of text.
+        result = asyncio.ensure_future(self.batcher.generate(prompt, hand_over, stop))
+        result.add_done_callback(lambda _: queue.put_nowait(None))
         try:
             while (chunk := await queue.get()) is not None:
                 yield chunk
-            await future  # re-raises the worker's exception, if any
+            await result  # re-raises the generation's exception, if any
         finally:
-            # The reader went away (closed, cancelled): stop the model early.
+            # The reader went away (closed, cancelled): stop this row early.
             stop.set()

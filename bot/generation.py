@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from bot.messages import Turn
 from bot.model import LoadedModel
@@ -49,26 +50,66 @@ class GenerationOptions:
         return kwargs
 
 
-class _CallbackStreamer(TextStreamer):
-    """transformers' word-safe incremental decoding, handing text to a callback."""
+class _BatchStreamer(BaseStreamer):
+    """Incremental decoding for each row of a batch, handing text to that row's sink.
 
-    def __init__(self, tokenizer: Any, on_text: Callable[[str], None]) -> None:
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self._on_text = on_text
+    Text is handed out at word ends (and held back while a UTF-8 sequence is
+    incomplete), like transformers' TextStreamer, which only takes a batch of one.
+    """
 
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text:
-            self._on_text(text)
+    def __init__(self, tokenizer: Any, sinks: Sequence[Callable[[str], None]], eos: set[int]):
+        self._tokenizer = tokenizer
+        self._sinks = sinks
+        self._eos = eos
+        self._tokens: list[list[int]] = [[] for _ in sinks]
+        self._sent = [0] * len(sinks)
+        self._done = [False] * len(sinks)
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # the prompt (or a seq2seq decoder's start token)
+            self._prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(len(self._sinks), -1)[:, -1].tolist()):
+            if self._done[row]:
+                continue
+            if token in self._eos:
+                self._done[row] = True
+                self._flush(row, final=True)
+                continue
+            self._tokens[row].append(token)
+            self._flush(row, final=False)
+
+    def end(self) -> None:
+        for row in range(len(self._sinks)):
+            self._flush(row, final=True)
+
+    def _flush(self, row: int, final: bool) -> None:
+        text = self._tokenizer.decode(self._tokens[row], skip_special_tokens=True)
+        if not final:
+            if text.endswith("\ufffd"):
+                return  # a multi-byte character is not complete yet
+            if not text.endswith("\n"):
+                text = text[: text.rfind(" ") + 1]  # the last word may still grow
+        if len(text) > self._sent[row]:
+            self._sinks[row](text[self._sent[row] :])
+            self._sent[row] = len(text)
+
+    def text(self, row: int) -> str:
+        return str(self._tokenizer.decode(self._tokens[row], skip_special_tokens=True))
 
 
 class _StopWhenSet(StoppingCriteria):
-    def __init__(self, event: threading.Event) -> None:
-        self._event = event
+    """Stops each row whose event is set (its reader went away)."""
+
+    def __init__(self, events: Sequence[threading.Event]) -> None:
+        self._events = events
 
     def __call__(
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
     ) -> Any:
-        return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool)
+        flags = [event.is_set() for event in self._events]
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
 
 class Generator:
@@ -120,24 +161,48 @@ class Generator:
         stop: threading.Event | None = None,
     ) -> str:
         """Generate a reply to `prompt`, passing text to `on_text` as it is decoded."""
+        return self.generate_batch([prompt], [on_text], [stop or threading.Event()])[0]
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Prompt],
+        sinks: Sequence[Callable[[str], None]],
+        stops: Sequence[threading.Event],
+    ) -> list[str]:
+        """Generate replies to several prompts in one batch; each row streams to its sink.
+
+        Causal models are padded on the left (the new tokens line up at the end), encoder
+        inputs on the right; the attention mask hides the padding either way.
+        """
         tokenizer = self.loaded.tokenizer
-        input_ids = torch.tensor([prompt.input_ids], device=self.loaded.device)
-        parts: list[str] = []
-
-        def collect(text: str) -> None:
-            parts.append(text)
-            on_text(text)
-
-        with self._tokenizer_lock:
-            streamer = _CallbackStreamer(tokenizer, collect)
-        criteria = StoppingCriteriaList([_StopWhenSet(stop or threading.Event())])
+        pad = tokenizer.pad_token_id
+        width = max(len(p.input_ids) for p in prompts)
+        ids, mask = [], []
+        for prompt in prompts:
+            fill = [pad] * (width - len(prompt.input_ids))
+            ones = [1] * len(prompt.input_ids)
+            if self.loaded.is_encoder_decoder:
+                ids.append(prompt.input_ids + fill)
+                mask.append(ones + [0] * len(fill))
+            else:
+                ids.append(fill + prompt.input_ids)
+                mask.append([0] * len(fill) + ones)
+        device = self.loaded.device
+        streamer = _BatchStreamer(tokenizer, sinks, self._eos_ids())
         with torch.inference_mode():
             self.loaded.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                pad_token_id=tokenizer.pad_token_id,
+                input_ids=torch.tensor(ids, device=device),
+                attention_mask=torch.tensor(mask, device=device),
+                pad_token_id=pad,
                 streamer=streamer,
-                stopping_criteria=criteria,
+                stopping_criteria=StoppingCriteriaList([_StopWhenSet(stops)]),
                 **self.options.generate_kwargs(),
             )
-        return "".join(parts)
+        return [streamer.text(row) for row in range(len(prompts))]
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.loaded.model.generation_config, self.loaded.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            ids.update(value if isinstance(value, list) else [] if value is None else [value])
+        return ids

@@ -67,7 +67,9 @@ class Settings(BaseSettings):
     context_tokens: PositiveInt | None = Field(
         default=None, description="Cap on prompt + reply tokens; default: the model's window."
     )
-    generation_workers: PositiveInt = 1
+    batch_size: PositiveInt = 16  # conversations generated together at most
+    batch_wait_ms: float = Field(default=10.0, ge=0)  # longest wait for a batch to fill
+    max_queue: PositiveInt = 256  # messages in the engine at most; past it: "busy"
     torch_threads: PositiveInt | None = None
 
     # Conversation memory

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from bot.messages import Turn
 from bot.prompt import Prompt
@@ -34,6 +34,15 @@ class ScriptedModel:
         self.histories.append(list(history))
         self.inputs.append(user_text)
         return Prompt([], user_text, len(history), False, len(user_text))
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Prompt],
+        sinks: Sequence[Callable[[str], None]],
+        stops: Sequence[threading.Event],
+    ) -> list[str]:
+        """One row after another: the script is about adapters, not batching."""
+        return [self.generate(*row) for row in zip(prompts, sinks, stops, strict=True)]
 
     def generate(
         self, prompt: Prompt, on_text: Callable[[str], None], stop: threading.Event

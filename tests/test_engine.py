@@ -6,7 +6,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -34,14 +34,18 @@ class Recorder:
     def prepare(self, history: list[Turn], user_text: str) -> Prompt:
         return self.inner.prepare(history, user_text)
 
-    def generate(
-        self, prompt: Prompt, on_text: Callable[[str], None], stop: threading.Event
-    ) -> str:
-        self.prompts.append(self.inner.loaded.tokenizer.decode(prompt.input_ids))
-        self.generations += 1
-        if self.fail_on and self.fail_on in prompt.user_text:
-            raise RuntimeError("the model broke")
-        return self.inner.generate(prompt, on_text, stop)
+    def generate_batch(
+        self,
+        prompts: Sequence[Prompt],
+        sinks: Sequence[Callable[[str], None]],
+        stops: Sequence[threading.Event],
+    ) -> list[str]:
+        for prompt in prompts:
+            self.prompts.append(self.inner.loaded.tokenizer.decode(prompt.input_ids))
+            self.generations += 1
+            if self.fail_on and self.fail_on in prompt.user_text:
+                raise RuntimeError("the model broke")
+        return self.inner.generate_batch(prompts, sinks, stops)
 
 
 def msg(text: str, channel: str = "c1", message_id: str = "") -> Message:
@@ -87,7 +91,7 @@ async def test_stream_chunks_make_the_reply(bundled: LoadedModel) -> None:
 
 
 async def test_order_within_a_conversation_under_concurrency(bundled: LoadedModel) -> None:
-    engine = Engine(greedy(bundled, max_new_tokens=4), memory(), workers=2)
+    engine = Engine(greedy(bundled, max_new_tokens=4), memory())
     sent: dict[str, list[str]] = {f"conv{c}": [] for c in range(3)}
     tasks = []
     for i in range(4):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +83,10 @@ class PromptSpy:
     def prepare(self, history: list[Turn], user_text: str) -> Any:
         return self.inner.prepare(history, user_text)
 
-    def generate(self, prompt: Any, on_text: Any, stop: threading.Event) -> str:
-        self.prompts.append(self.inner.loaded.tokenizer.decode(prompt.input_ids))
-        return str(self.inner.generate(prompt, on_text, stop))
+    def generate_batch(self, prompts: Any, sinks: Any, stops: Any) -> list[str]:
+        for prompt in prompts:
+            self.prompts.append(self.inner.loaded.tokenizer.decode(prompt.input_ids))
+        return list(self.inner.generate_batch(prompts, sinks, stops))
 
 
 async def test_seq2seq_model_through_the_same_loading_code(tiny_seq2seq: Path) -> None:
