@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install run test lint redis-server clean
+.PHONY: install run test lint bench redis-server clean
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ lint: $(STAMP)
 
 test: $(STAMP) redis-server lint
 	$(BIN)/python -m pytest -q
+
+# The benchmark (README: "Performance"): alone on the machine, ~5 minutes; QUICK=1: < 2.
+bench: $(STAMP) redis-server
+	$(PIP) -e '.[bench]'
+	$(BIN)/python -m bench $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache
