@@ -38,6 +38,19 @@ class _Request:
     sink: Callable[[str], None]
     stop: threading.Event
     done: asyncio.Future[str] = field(repr=False)
+    delivered: int = 0  # characters already handed to `sink`
+    _seen: int = 0
+
+    def restart(self) -> None:
+        """Before running again: text up to `delivered` is not handed out twice."""
+        self._seen = 0
+
+    def emit(self, text: str) -> None:
+        start, self._seen = self._seen, self._seen + len(text)
+        fresh = text[max(0, self.delivered - start) :]
+        if fresh:
+            self.delivered += len(fresh)
+            self.sink(fresh)
 
 
 class Batcher:
@@ -91,27 +104,46 @@ class Batcher:
                 request.done.set_result("")
         return [r for r in batch if not r.done.done()]
 
+    async def _generate(self, batch: list[_Request]) -> list[str]:
+        for request in batch:
+            request.restart()
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor,
+            self.runner.generate_batch,
+            [r.prompt for r in batch],
+            [r.emit for r in batch],
+            [r.stop for r in batch],
+        )
+
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
             if not batch:
                 continue
             self.batch_sizes = [*self.batch_sizes[-999:], len(batch)]
             try:
-                texts = await loop.run_in_executor(
-                    self.executor,
-                    self.runner.generate_batch,
-                    [r.prompt for r in batch],
-                    [r.sink for r in batch],
-                    [r.stop for r in batch],
-                )
-            except Exception as exc:  # every request of the batch gets the failure
-                for request in batch:
-                    if not request.done.done():
-                        request.done.set_exception(exc)
+                results = list(zip(batch, await self._generate(batch), strict=True))
+            except Exception as exc:
+                if len(batch) == 1:
+                    batch[0].done.set_exception(exc)
+                    continue
+                # One bad request must not fail the others: run each alone, so only
+                # the culprit gets the error. Text already streamed is not repeated.
+                log.warning("A batch of %d failed (%s); retrying each alone", len(batch), exc)
+                await self._one_by_one(batch)
                 continue
-            for request, text in zip(batch, texts, strict=True):
+            for request, text in results:
+                if not request.done.done():
+                    request.done.set_result(text)
+
+    async def _one_by_one(self, batch: list[_Request]) -> None:
+        for request in batch:
+            try:
+                (text,) = await self._generate([request])
+            except Exception as exc:
+                if not request.done.done():
+                    request.done.set_exception(exc)
+            else:
                 if not request.done.done():
                     request.done.set_result(text)
 

@@ -224,5 +224,7 @@ class Engine:
                 yield chunk
             await result  # re-raises the generation's exception, if any
         finally:
-            # The reader went away (closed, cancelled): stop this row early.
+            # The reader went away (closed, cancelled): stop this row early, and let
+            # its outcome go unread without a "never retrieved" warning.
             stop.set()
+            result.add_done_callback(lambda f: f.cancelled() or f.exception())

@@ -141,3 +141,8 @@ def run_bot(
         text=True,
         timeout=timeout,
     )
+
+
+# The platform harnesses, for every test module (the load tests drive them too).
+from tests.test_discord import discord_bot  # noqa: E402, F401
+from tests.test_slack import slack_bot  # noqa: E402, F401

@@ -65,7 +65,8 @@ class FakeDiscord(FakeServer[Call]):
     def __init__(self) -> None:
         super().__init__()
         self.identified = asyncio.Event()
-        self.fail: dict[str, int] = {}  # channel id -> HTTP status for message sends
+        # channel id -> HTTP statuses to answer its next message sends with, in turn
+        self.fail: dict[str, list[int]] = {}
         self._ids = itertools.count(9000000000000000001)
         self._seq = itertools.count(1)
 
@@ -143,9 +144,12 @@ class FakeDiscord(FakeServer[Call]):
             return web.Response(status=204)
         if parts[0] == "channels" and parts[2:3] == ["messages"]:
             channel = parts[1]
-            if channel in self.fail:
-                status = self.fail[channel]
-                return json_response({"message": "Missing Permissions", "code": 50013}, status)
+            if self.fail.get(channel):
+                status = self.fail[channel].pop(0)
+                error = {"message": "Missing Permissions", "code": 50013}
+                if status >= 500:
+                    error = {"message": "Internal Server Error", "code": 0}
+                return json_response(error, status)
             message_id = parts[3] if len(parts) > 3 else str(next(self._ids))
             call.response = self.message(channel, message_id, body or {})
             return json_response(call.response)

@@ -335,7 +335,7 @@ async def test_http_403_is_logged_with_the_channel_and_the_bot_carries_on(
     discord_bot: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
     bot = await discord_bot(ScriptedModel("ok"))
-    bot.fake.fail[GENERAL] = 403
+    bot.fake.fail[GENERAL] = [403]
     await bot.say(f"<@{BOT_ID}> you can't answer here")
     await bot.replies(channel=GENERAL)
     await bot.settle()
