@@ -332,3 +332,29 @@ async def test_secrets_never_reach_logs_errors_or_replies(
     leaky = logging.LogRecord("x", logging.ERROR, "", 0, "connect %s failed", (url,), None)
     assert password not in formatter.format(leaky)
     await engine.close()
+
+
+async def test_allow_lists_and_rate_limits_hold_under_load(discord_bot: Any) -> None:
+    from tests.fake_discord import ANN, BOB, BOT_ID, GENERAL
+
+    model = ScriptedModel(lambda text: f"for {text}")
+    bot = await discord_bot(model, discord_allowed_users=ANN, rate_limit_per_minute=20)
+    ids = []
+    for i in range(60):
+        ids.append(await bot.say(f"<@{BOT_ID}> ann {i}", author=ANN))
+        await bot.say(f"<@{BOT_ID}> bob {i}", author=BOB)  # not allowed: silence
+
+    def answered(message_id: str) -> bool:
+        return any(
+            str(((c.body or {}).get("message_reference") or {}).get("message_id")) == message_id
+            for c in bot.fake.sent(GENERAL)
+        )
+
+    await until(lambda: sum(map(answered, ids)) >= 21)
+    await asyncio.sleep(0.3)
+    await bot.settle()
+    assert not any(m.startswith("bob") for m in model.inputs)
+    assert len(model.inputs) == 20  # the limit
+    notes = [c for c in bot.fake.sent(GENERAL) if "faster than I can answer" in str(c.body)]
+    assert len(notes) == 1  # told once, then silence
+    assert sum(map(answered, ids)) == 21
