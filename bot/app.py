@@ -35,6 +35,12 @@ async def _heartbeat(started: float, every: float = 10.0) -> None:
 async def build_engine(settings: Settings) -> Engine:
     """Memory first (a bad REDIS_URL fails fast), then the model, on a worker thread."""
     memory = await open_memory(settings)
+    if settings.model_backend == "openai":
+        from bot.openai_backend import OpenAIBackend
+
+        backend = OpenAIBackend(settings)
+        log.info("Replies come from the inference server at %s", backend.masked_url)
+        return Engine(backend, memory, max_queue=settings.max_queue)
     started = time.monotonic()
     heartbeat = asyncio.create_task(_heartbeat(started))
     try:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -38,9 +39,71 @@ def truncation_note(prompt: Prompt) -> str:
 
 
 class ModelRunner(BatchRunner, Protocol):
-    """What the engine needs of the model; blocking methods, run on worker threads."""
+    """A local model: blocking methods, run on worker threads (bot.generation.Generator)."""
 
     def prepare(self, history: list[Turn], user_text: str) -> Prompt: ...
+
+
+class Backend(ABC):
+    """Where replies are generated: the local model, or an inference server."""
+
+    @abstractmethod
+    async def prepare(self, history: list[Turn], user_text: str) -> Prompt:
+        """The prompt for `user_text` after `history`, fitted to the model."""
+
+    @abstractmethod
+    def stream(self, prompt: Prompt) -> AsyncIterator[str]:
+        """The reply's text as it is generated; closing the iterator stops generation."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release threads and connections."""
+
+
+class LocalBackend(Backend):
+    """A local model, dynamically batched on one worker thread (bot.batching)."""
+
+    def __init__(self, runner: ModelRunner, max_batch: int = 16, max_wait: float = 0.01) -> None:
+        self.runner = runner
+        # Prompt fitting on its own thread, so it never waits behind a running batch.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        self._generate_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.batcher = Batcher(runner, self._generate_pool, max_batch, max_wait)
+
+    async def prepare(self, history: list[Turn], user_text: str) -> Prompt:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._prepare_pool, self.runner.prepare, history, user_text
+        )
+
+    async def stream(self, prompt: Prompt) -> AsyncIterator[str]:
+        """Generate in the next batch, yielding text as the worker thread decodes it."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        stop = threading.Event()
+
+        def hand_over(item: str | None) -> None:
+            if not loop.is_closed():  # the bot may be shutting down under the thread
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        # The worker's text reaches the loop before the batch's result does, so the
+        # end marker queued on completion comes after the last piece of text.
+        result = asyncio.ensure_future(self.batcher.generate(prompt, hand_over, stop))
+        result.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            while (chunk := await queue.get()) is not None:
+                yield chunk
+            await result  # re-raises the generation's exception, if any
+        finally:
+            # The reader went away (closed, cancelled): stop this row early, and let
+            # its outcome go unread without a "never retrieved" warning.
+            stop.set()
+            result.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        self._prepare_pool.shutdown(wait=True, cancel_futures=True)
+        self._generate_pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _ConversationOrder:
@@ -93,20 +156,19 @@ class Engine:
 
     def __init__(
         self,
-        runner: ModelRunner,
+        model: Backend | ModelRunner,
         memory: Memory,
         *,
         max_batch: int = 16,
         max_wait: float = 0.01,
         max_queue: int = 256,
     ) -> None:
-        self.runner = runner
+        """`model`: a Backend, or a local model runner (batched by a LocalBackend)."""
+        self.backend = (
+            model if isinstance(model, Backend) else LocalBackend(model, max_batch, max_wait)
+        )
         self.memory = memory
         self.max_queue = max_queue
-        # Prompt fitting on its own thread, so it never waits behind a running batch.
-        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
-        self._generate_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        self.batcher = Batcher(runner, self._generate_pool, max_batch, max_wait)
         self._order = _ConversationOrder()
         self._pending = 0
 
@@ -137,9 +199,7 @@ class Engine:
         return self._pending
 
     async def close(self) -> None:
-        await self.batcher.close()
-        self._prepare_pool.shutdown(wait=True, cancel_futures=True)
-        self._generate_pool.shutdown(wait=True, cancel_futures=True)
+        await self.backend.close()
         await self.memory.close()
 
     async def _produce(self, message: Message, out: ReplyStream) -> AsyncGenerator[str, None]:
@@ -170,15 +230,13 @@ class Engine:
             history = await self.memory.history(conversation)
             parts: list[str] = []
             try:
-                prompt = await asyncio.get_running_loop().run_in_executor(
-                    self._prepare_pool, self.runner.prepare, history, text
-                )
+                prompt = await self.backend.prepare(history, text)
                 if prompt.truncated:
                     note = truncation_note(prompt)
                     parts.append(note)
                     yield note
                 generated: list[str] = []
-                async for chunk in self._generate(prompt):
+                async for chunk in self.backend.stream(prompt):
                     generated.append(chunk)
                     yield chunk
                 answer = "".join(generated).strip()
@@ -204,27 +262,3 @@ class Engine:
                 message.message_id,
                 time.perf_counter() - started,
             )
-
-    async def _generate(self, prompt: Prompt) -> AsyncIterator[str]:
-        """Generate in the next batch, yielding text as the worker thread decodes it."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
-        stop = threading.Event()
-
-        def hand_over(item: str | None) -> None:
-            if not loop.is_closed():  # the bot may be shutting down under the thread
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        # The worker's text reaches the loop before the batch's result does, so the
-        # end marker queued on completion comes after the last piece of text.
-        result = asyncio.ensure_future(self.batcher.generate(prompt, hand_over, stop))
-        result.add_done_callback(lambda _: queue.put_nowait(None))
-        try:
-            while (chunk := await queue.get()) is not None:
-                yield chunk
-            await result  # re-raises the generation's exception, if any
-        finally:
-            # The reader went away (closed, cancelled): stop this row early, and let
-            # its outcome go unread without a "never retrieved" warning.
-            stop.set()
-            result.add_done_callback(lambda f: f.cancelled() or f.exception())

@@ -81,6 +81,7 @@ class Prompt:
     kept_turns: int  # history turns that fit
     truncated: bool  # True when the user's message itself had to be cut
     original_chars: int
+    messages: tuple[dict[str, str], ...] = ()  # for servers that take chat messages
 
 
 def build_prompt(

@@ -51,7 +51,13 @@ class Settings(BaseSettings):
         case_sensitive=False,
     )
 
-    # The model
+    # The model: run here ("local") or on an OpenAI-compatible server ("openai")
+    model_backend: Literal["local", "openai"] = "local"
+    openai_base_url: str | None = None  # e.g. http://localhost:8000/v1
+    openai_model: str = ""
+    openai_api_key: SecretStr | None = None
+    openai_timeout_seconds: float = Field(default=60.0, gt=0)
+    openai_max_retries: int = Field(default=2, ge=0, le=10)
     model: str = Field(
         default="",
         description="Hugging Face hub id or local directory; empty: the bundled SmolLM2-135M.",
@@ -106,6 +112,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "discord_token",
+        "openai_api_key",
         "slack_bot_token",
         "slack_app_token",
         "slack_signing_secret",
@@ -128,6 +135,21 @@ class Settings(BaseSettings):
         if value is not None and not value.get_secret_value().startswith("xapp-"):
             raise ValueError("a Slack app-level token starts with xapp-")
         return value
+
+    @field_validator("openai_base_url", mode="before")
+    @classmethod
+    def _http_url(cls, value: object) -> object:
+        if value in (None, ""):
+            return None
+        if not str(value).startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL, e.g. http://localhost:8000/v1")
+        return value
+
+    @model_validator(mode="after")
+    def _backend(self) -> Settings:
+        if self.model_backend == "openai" and not self.openai_base_url:
+            raise ValueError("OPENAI_BASE_URL is needed with MODEL_BACKEND=openai")
+        return self
 
     @model_validator(mode="after")
     def _slack_mode(self) -> Settings:

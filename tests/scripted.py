@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from bot.engine import Engine, LocalBackend
 from bot.messages import Turn
 from bot.prompt import Prompt
 
@@ -57,3 +58,9 @@ class ScriptedModel:
             if self.delay:
                 time.sleep(self.delay)
         return text
+
+
+def batch_sizes(engine: Engine) -> list[int]:
+    """The sizes of the batches the engine's local backend ran."""
+    assert isinstance(engine.backend, LocalBackend)
+    return engine.backend.batcher.batch_sizes

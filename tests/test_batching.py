@@ -13,7 +13,7 @@ from bot.memory import InProcessMemory
 from bot.messages import ConversationKey, Message
 from bot.model import LoadedModel, load_model
 from tests.conftest import greedy, make_settings
-from tests.scripted import ScriptedModel
+from tests.scripted import ScriptedModel, batch_sizes
 
 
 def msg(text: str, channel: str) -> Message:
@@ -68,7 +68,7 @@ async def test_concurrent_conversations_share_batches(bundled: LoadedModel) -> N
             questions, await asyncio.gather(*(ask(c, q) for c, q in questions.items())), strict=True
         )
     )
-    assert max(engine.batcher.batch_sizes) > 1, engine.batcher.batch_sizes
+    assert max(batch_sizes(engine)) > 1, batch_sizes(engine)
     for channel, (streamed, final) in results.items():
         assert streamed.strip() == final
         assert ("Paris" in final) == (channel != "odd"), (channel, final)
