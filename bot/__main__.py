@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
-        setup_logging(settings.log_level, settings.secret_values())
+        setup_logging(
+            settings.log_level, settings.secret_values(), json_lines=settings.log_format == "json"
+        )
         # Imported only now: torch and transformers take seconds, and a bad setting
         # should be reported at once.
         from bot.app import serve

@@ -63,6 +63,11 @@ async def build_engine(settings: Settings) -> Engine:
 async def serve(settings: Settings, adapters: Sequence[Adapter]) -> None:
     """Build the engine and run the adapters; SIGTERM or SIGINT stops them all."""
     engine = await build_engine(settings)
+    ops = None
+    if settings.metrics_port:
+        from bot.metrics import serve_ops
+
+        ops = await serve_ops(settings.metrics_port, engine.ready)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -78,4 +83,6 @@ async def serve(settings: Settings, adapters: Sequence[Adapter]) -> None:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if ops is not None:
+            await ops.cleanup()
         await engine.close()

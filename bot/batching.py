@@ -18,6 +18,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from bot import metrics
 from bot.prompt import Prompt
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class Batcher:
             if not batch:
                 continue
             self.batch_sizes = [*self.batch_sizes[-999:], len(batch)]
+            metrics.BATCH.observe(len(batch))
             try:
                 results = list(zip(batch, await self._generate(batch), strict=True))
             except Exception as exc:

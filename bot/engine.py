@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Protocol
 
+from bot import metrics
 from bot.batching import Batcher, BatchRunner
 from bot.memory import Memory
 from bot.messages import ConversationKey, Message, Reply, Turn, clean_text
@@ -54,6 +55,10 @@ class Backend(ABC):
     @abstractmethod
     def stream(self, prompt: Prompt) -> AsyncIterator[str]:
         """The reply's text as it is generated; closing the iterator stops generation."""
+
+    async def ready(self) -> bool:
+        """Whether replies can be generated now (for readiness checks)."""
+        return True
 
     @abstractmethod
     async def close(self) -> None:
@@ -202,7 +207,23 @@ class Engine:
         await self.backend.close()
         await self.memory.close()
 
+    async def ready(self) -> bool:
+        """The backend can generate and the memory store answers."""
+        return await self.backend.ready() and await self.memory.ready()
+
     async def _produce(self, message: Message, out: ReplyStream) -> AsyncGenerator[str, None]:
+        platform = message.platform
+        metrics.RECEIVED.labels(platform).inc()
+        started = time.perf_counter()
+        try:
+            async for chunk in self._gate(message, out):
+                yield chunk
+        finally:
+            ok = out.reply is not None and out.reply.ok
+            (metrics.ANSWERED if ok else metrics.FAILED).labels(platform).inc()
+            metrics.LATENCY.labels(platform).observe(time.perf_counter() - started)
+
+    async def _gate(self, message: Message, out: ReplyStream) -> AsyncGenerator[str, None]:
         text = clean_text(message.text)
         if not text.strip():
             out.reply = Reply(EMPTY_MESSAGE_REPLY)
@@ -215,11 +236,13 @@ class Engine:
             yield BUSY
             return
         self._pending += 1
+        metrics.QUEUE.set(self._pending)
         try:
             async for chunk in self._answer(message, text, out):
                 yield chunk
         finally:
             self._pending -= 1
+            metrics.QUEUE.set(self._pending)
 
     async def _answer(
         self, message: Message, text: str, out: ReplyStream
@@ -256,9 +279,11 @@ class Engine:
                 conversation, [Turn("user", prompt.user_text), Turn("assistant", answer)]
             )
             out.reply = Reply("".join(parts) + answer, truncated_input=prompt.truncated)
+            latency = time.perf_counter() - started
             log.info(
                 "Replied in %s to message %s in %.2f s",
                 conversation,
                 message.message_id,
-                time.perf_counter() - started,
+                latency,
+                extra={"conversation": str(conversation), "latency_s": round(latency, 3)},
             )

@@ -15,6 +15,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from bot import metrics
 from bot.messages import Turn
 from bot.model import LoadedModel
 from bot.prompt import Prompt, PromptFormat, build_prompt
@@ -94,6 +95,9 @@ class _BatchStreamer(BaseStreamer):
         if len(text) > self._sent[row]:
             self._sinks[row](text[self._sent[row] :])
             self._sent[row] = len(text)
+
+    def token_count(self) -> int:
+        return sum(len(tokens) for tokens in self._tokens)
 
     def text(self, row: int) -> str:
         return str(self._tokenizer.decode(self._tokens[row], skip_special_tokens=True))
@@ -198,6 +202,7 @@ class Generator:
                 stopping_criteria=StoppingCriteriaList([_StopWhenSet(stops)]),
                 **self.options.generate_kwargs(),
             )
+        metrics.TOKENS.inc(streamer.token_count())
         return [streamer.text(row) for row in range(len(prompts))]
 
     def _eos_ids(self) -> set[int]:

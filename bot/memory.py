@@ -65,6 +65,10 @@ class Memory(Protocol):
         """Forget a conversation."""
         ...
 
+    async def ready(self) -> bool:
+        """Whether the store answers (for readiness checks)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -105,6 +109,9 @@ class InProcessMemory:
 
     async def reset(self, conversation: ConversationKey) -> None:
         self._store.pop(str(conversation), None)
+
+    async def ready(self) -> bool:
+        return True
 
     async def close(self) -> None:
         self._store.clear()
@@ -172,6 +179,12 @@ class RedisMemory:
             self._outages.failed("reset a conversation", exc)
             return
         self._outages.succeeded()
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except REDIS_ERRORS:
+            return False
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -11,6 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from bot import metrics
 from bot.settings import mask_url
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Outages:
         self.down = False
 
     def failed(self, action: str, exc: BaseException) -> None:
+        metrics.REDIS_ERRORS.inc()
         if not isinstance(exc, OUTAGE_ERRORS):
             log.error("Redis error while trying to %s; %s", action, self.consequence, exc_info=exc)
         elif not self.down:

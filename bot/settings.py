@@ -109,9 +109,12 @@ class Settings(BaseSettings):
     slack_native_streaming: bool = False
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)  # unset: no endpoint
 
     @field_validator(
         "discord_token",
+        "metrics_port",
         "openai_api_key",
         "slack_bot_token",
         "slack_app_token",
