@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     discord_allow_dms: bool = True
     discord_allow_bots: bool = False
     discord_thread_followups: bool = True
+    # Sharding (large bots): the total shard count, and the shard ids this process runs
+    # (empty: all of them). Unset count: one connection, no sharding.
+    discord_shard_count: PositiveInt | None = None
+    discord_shard_ids: IdList = frozenset()
 
     # Slack
     slack_bot_token: SecretStr | None = None  # xoxb-…
@@ -114,6 +118,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "discord_token",
+        "discord_shard_count",
         "metrics_port",
         "openai_api_key",
         "slack_bot_token",
@@ -147,6 +152,17 @@ class Settings(BaseSettings):
         if not str(value).startswith(("http://", "https://")):
             raise ValueError("expected an http:// or https:// URL, e.g. http://localhost:8000/v1")
         return value
+
+    @model_validator(mode="after")
+    def _shards(self) -> Settings:
+        ids = {int(i) for i in self.discord_shard_ids if i.isdigit()}
+        if len(ids) != len(self.discord_shard_ids):
+            raise ValueError("DISCORD_SHARD_IDS: shard ids are numbers")
+        if ids and not self.discord_shard_count:
+            raise ValueError("DISCORD_SHARD_IDS needs DISCORD_SHARD_COUNT")
+        if ids and max(ids) >= (self.discord_shard_count or 0):
+            raise ValueError("DISCORD_SHARD_IDS must be below DISCORD_SHARD_COUNT")
+        return self
 
     @model_validator(mode="after")
     def _backend(self) -> Settings:

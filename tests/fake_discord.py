@@ -65,6 +65,7 @@ class FakeDiscord(FakeServer[Call]):
     def __init__(self) -> None:
         super().__init__()
         self.identified = asyncio.Event()
+        self.identifies: list[dict[str, Any]] = []  # IDENTIFY payloads, one per shard
         # channel id -> HTTP statuses to answer its next message sends with, in turn
         self.fail: dict[str, list[int]] = {}
         self._ids = itertools.count(9000000000000000001)
@@ -92,7 +93,9 @@ class FakeDiscord(FakeServer[Call]):
             if data["op"] == 1:  # heartbeat
                 await ws.send_str(json.dumps({"op": 11}))
             elif data["op"] == 2:  # identify
+                self.identifies.append(data["d"])
                 ready = payload("ready")
+                ready["shard"] = data["d"].get("shard", [0, 1])
                 ready["resume_gateway_url"] = f"ws://127.0.0.1:{self.port}/gateway"
                 await self._send(ws, "READY", ready)
                 await self._send(ws, "GUILD_CREATE", payload("guild_create"))
@@ -129,7 +132,7 @@ class FakeDiscord(FakeServer[Call]):
                         "total": 1000,
                         "remaining": 999,
                         "reset_after": 0,
-                        "max_concurrency": 1,
+                        "max_concurrency": 16,
                     },
                 }
             )

@@ -452,3 +452,11 @@ async def test_mention_answered_by_the_real_model(
     await bot.settle()
     (final,) = bot.fake.final_contents(GENERAL)
     assert "Paris" in final
+
+
+async def test_shards_from_config(discord_bot: Factory) -> None:
+    bot = await discord_bot(ScriptedModel("ok"), discord_shard_count=4, discord_shard_ids="1,3")
+    assert isinstance(bot.adapter.client, discord.AutoShardedClient)
+    shards = sorted(tuple(i["shard"]) for i in bot.fake.identifies)
+    assert shards == [(1, 4), (3, 4)]
+    assert all(i["token"] == TOKEN for i in bot.fake.identifies)  # only to Discord's gateway

@@ -56,11 +56,22 @@ class DiscordAdapter:
         self.grace = settings.shutdown_grace_seconds
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enable it in the Developer Portal
-        self.client = discord.Client(
-            intents=intents,
-            allowed_mentions=NO_MENTIONS,
-            chunk_guilds_at_startup=False,
-        )
+        if settings.discord_shard_count:
+            # Large bots: this process runs some (or all) of the configured shards.
+            ids = sorted(int(i) for i in settings.discord_shard_ids)
+            self.client: discord.Client = discord.AutoShardedClient(
+                intents=intents,
+                allowed_mentions=NO_MENTIONS,
+                chunk_guilds_at_startup=False,
+                shard_count=settings.discord_shard_count,
+                **({"shard_ids": ids} if ids else {}),
+            )
+        else:
+            self.client = discord.Client(
+                intents=intents,
+                allowed_mentions=NO_MENTIONS,
+                chunk_guilds_at_startup=False,
+            )
         self.tree = app_commands.CommandTree(self.client)
         self.ready = asyncio.Event()
         self._engine: Engine | None = None
