@@ -58,13 +58,16 @@ class DiscordAdapter:
         intents.message_content = True  # privileged: enable it in the Developer Portal
         if settings.discord_shard_count:
             # Large bots: this process runs some (or all) of the configured shards.
-            ids = sorted(int(i) for i in settings.discord_shard_ids)
+            # No ids: this process runs every shard.
+            ids = sorted(int(i) for i in settings.discord_shard_ids) or list(
+                range(settings.discord_shard_count)
+            )
             self.client: discord.Client = discord.AutoShardedClient(
                 intents=intents,
                 allowed_mentions=NO_MENTIONS,
                 chunk_guilds_at_startup=False,
                 shard_count=settings.discord_shard_count,
-                **({"shard_ids": ids} if ids else {}),
+                shard_ids=ids,
             )
         else:
             self.client = discord.Client(
