@@ -13,12 +13,15 @@ import sys
 import threading
 from typing import TextIO
 
+from bot import personas
 from bot.engine import Engine
 from bot.messages import ConversationKey, Message
 
 CONVERSATION = ConversationKey("console", "terminal")
 HELP = """Commands:
   /reset  forget this conversation
+  /persona set <text> | show | clear
+          give this conversation its own system prompt
   /help   show this help
   /quit   leave (Ctrl-D works too)
 Anything else is a message to the bot."""
@@ -100,6 +103,10 @@ class ConsoleAdapter:
             elif text.lower() == "/reset":
                 await engine.reset(CONVERSATION)
                 self._write("Conversation forgotten.\n")
+            elif text.lower().startswith("/persona"):
+                command = personas.parse(text[len("/persona") :])
+                answer = await personas.run(engine, CONVERSATION, *command) if command else None
+                self._write((answer or personas.USAGE) + "\n")
             elif self._interactive:
                 self._write("bot> ")
                 async for chunk in engine.stream(self._message(text)):

@@ -27,6 +27,7 @@ from bot.prompt import Prompt
 log = logging.getLogger(__name__)
 
 APOLOGY = "Sorry, something went wrong while I was writing a reply. Please try again."
+PERSONA_MAX_CHARS = 1000
 BUSY = "I'm answering a lot of people right now. Please try again in a minute."
 EMPTY_MESSAGE_REPLY = "Ask me anything: write your message and I'll answer."
 NOTHING_TO_SAY = "I don't have an answer to that."
@@ -42,15 +43,20 @@ def truncation_note(prompt: Prompt) -> str:
 class ModelRunner(BatchRunner, Protocol):
     """A local model: blocking methods, run on worker threads (bot.generation.Generator)."""
 
-    def prepare(self, history: list[Turn], user_text: str) -> Prompt: ...
+    def prepare(
+        self, history: list[Turn], user_text: str, system_prompt: str | None = None
+    ) -> Prompt: ...
 
 
 class Backend(ABC):
     """Where replies are generated: the local model, or an inference server."""
 
     @abstractmethod
-    async def prepare(self, history: list[Turn], user_text: str) -> Prompt:
-        """The prompt for `user_text` after `history`, fitted to the model."""
+    async def prepare(
+        self, history: list[Turn], user_text: str, system_prompt: str | None = None
+    ) -> Prompt:
+        """The prompt for `user_text` after `history`, fitted to the model;
+        `system_prompt` replaces the configured one (a channel's persona)."""
 
     @abstractmethod
     def stream(self, prompt: Prompt) -> AsyncIterator[str]:
@@ -75,10 +81,12 @@ class LocalBackend(Backend):
         self._generate_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self.batcher = Batcher(runner, self._generate_pool, max_batch, max_wait)
 
-    async def prepare(self, history: list[Turn], user_text: str) -> Prompt:
+    async def prepare(
+        self, history: list[Turn], user_text: str, system_prompt: str | None = None
+    ) -> Prompt:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._prepare_pool, self.runner.prepare, history, user_text
+            self._prepare_pool, self.runner.prepare, history, user_text, system_prompt
         )
 
     async def stream(self, prompt: Prompt) -> AsyncIterator[str]:
@@ -194,6 +202,21 @@ class Engine:
         async with self._order.turn(conversation):
             await self.memory.reset(conversation)
 
+    async def persona(self, conversation: ConversationKey) -> str | None:
+        """The persona of the conversation's channel; None: the configured prompt."""
+        return (await self.memory.load(conversation.channel_key()))[1]
+
+    async def set_persona(self, conversation: ConversationKey, text: str | None) -> None:
+        """Give the conversation's channel its own system prompt (None: the default).
+
+        Raises ValueError past PERSONA_MAX_CHARS characters.
+        """
+        if text is not None:
+            text = clean_text(text).strip()
+            if len(text) > PERSONA_MAX_CHARS:
+                raise ValueError(f"a persona is at most {PERSONA_MAX_CHARS:,} characters")
+        await self.memory.set_persona(conversation.channel_key(), text or None)
+
     @property
     def active_conversations(self) -> int:
         return len(self._order)
@@ -250,10 +273,10 @@ class Engine:
         conversation = message.conversation
         async with self._order.turn(conversation):
             started = time.perf_counter()
-            history = await self.memory.history(conversation)
+            history, persona = await self.memory.load(conversation)
             parts: list[str] = []
             try:
-                prompt = await self.backend.prepare(history, text)
+                prompt = await self.backend.prepare(history, text, persona)
                 if prompt.truncated:
                     note = truncation_note(prompt)
                     parts.append(note)

@@ -152,11 +152,14 @@ class Generator:
             settings.context_tokens,
         )
 
-    def prepare(self, history: Sequence[Turn], user_text: str) -> Prompt:
+    def prepare(
+        self, history: Sequence[Turn], user_text: str, system_prompt: str | None = None
+    ) -> Prompt:
+        fmt = self.format
+        if system_prompt is not None:
+            fmt = PromptFormat(fmt.is_encoder_decoder, system_prompt)
         with self._tokenizer_lock:
-            return build_prompt(
-                self.loaded.tokenizer, self.format, history, user_text, self.prompt_budget
-            )
+            return build_prompt(self.loaded.tokenizer, fmt, history, user_text, self.prompt_budget)
 
     def generate(
         self,

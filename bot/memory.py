@@ -1,13 +1,15 @@
 """Per-conversation memory: in Redis when REDIS_URL is set, else in this process.
 
-Redis key schema: one list per conversation,
+Redis key schema: one list per conversation, and one string per channel persona,
 
-    chatbot:conv:<platform>:<channel>[:<thread>]  ->  [turn JSON, ...]  (oldest first)
+    chatbot:conv:{<platform>:<channel>}[:<thread>]  ->  [turn JSON, ...]  (oldest first)
+    chatbot:persona:{<platform>:<channel>}          ->  the channel's system prompt
 
-each element ``{"role": "user" | "assistant", "content": "..."}``. A reply's turns are
-appended, the list trimmed to MEMORY_MAX_TURNS and its TTL renewed in one pipelined
-round trip; the history is read with one LRANGE. No command spans two conversations,
-so the schema works unchanged on Redis Cluster.
+each list element ``{"role": "user" | "assistant", "content": "..."}``. A reply's turns
+are appended, the list trimmed to MEMORY_MAX_TURNS and its TTL renewed in one
+pipelined round trip; the history and the persona are read in one. The braces are
+Redis Cluster hash tags: a channel's keys share a slot, so that read needs one node,
+and no command ever spans two channels.
 """
 
 from __future__ import annotations
@@ -28,10 +30,20 @@ from bot.settings import ConfigError, Settings
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "chatbot:conv:"
+PERSONA_PREFIX = "chatbot:persona:"
+
+
+def _slot(conversation: ConversationKey) -> str:
+    return f"{{{conversation.platform}:{conversation.channel}}}"
 
 
 def redis_key(conversation: ConversationKey) -> str:
-    return f"{KEY_PREFIX}{conversation}"
+    thread = f":{conversation.thread}" if conversation.thread else ""
+    return f"{KEY_PREFIX}{_slot(conversation)}{thread}"
+
+
+def persona_key(conversation: ConversationKey) -> str:
+    return f"{PERSONA_PREFIX}{_slot(conversation)}"
 
 
 def encode_turn(turn: Turn) -> str:
@@ -57,6 +69,14 @@ class Memory(Protocol):
         """The stored turns, oldest first; empty when unknown or unavailable."""
         ...
 
+    async def load(self, conversation: ConversationKey) -> tuple[list[Turn], str | None]:
+        """The history and its channel's persona (None: the default), in one read."""
+        ...
+
+    async def set_persona(self, conversation: ConversationKey, text: str | None) -> None:
+        """Store (or with None, clear) the persona of the conversation's channel."""
+        ...
+
     async def append(self, conversation: ConversationKey, turns: Sequence[Turn]) -> None:
         """Store turns at the end, keeping at most the configured number."""
         ...
@@ -79,6 +99,7 @@ class InProcessMemory:
         self._max_turns = max_turns
         self._ttl = ttl_seconds
         self._store: dict[str, tuple[float, deque[Turn]]] = {}
+        self._personas: dict[str, str] = {}
         self._last_sweep = time.monotonic()
 
     def _sweep(self, now: float) -> None:
@@ -96,6 +117,15 @@ class InProcessMemory:
         if entry is None or now - entry[0] > self._ttl:
             return []
         return list(entry[1])
+
+    async def load(self, conversation: ConversationKey) -> tuple[list[Turn], str | None]:
+        return await self.history(conversation), self._personas.get(persona_key(conversation))
+
+    async def set_persona(self, conversation: ConversationKey, text: str | None) -> None:
+        if text is None:
+            self._personas.pop(persona_key(conversation), None)
+        else:
+            self._personas[persona_key(conversation)] = text
 
     async def append(self, conversation: ConversationKey, turns: Sequence[Turn]) -> None:
         now = time.monotonic()
@@ -156,6 +186,27 @@ class RedisMemory:
             return []
         self._outages.succeeded()
         return [turn for turn in map(decode_turn, raw) if turn is not None]
+
+    async def load(self, conversation: ConversationKey) -> tuple[list[Turn], str | None]:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.lrange(redis_key(conversation), 0, -1)
+                pipe.get(persona_key(conversation))
+                raw, persona = await pipe.execute()
+        except REDIS_ERRORS as exc:
+            self._outages.failed("read history", exc)
+            return [], None
+        self._outages.succeeded()
+        return [turn for turn in map(decode_turn, raw) if turn is not None], persona
+
+    async def set_persona(self, conversation: ConversationKey, text: str | None) -> None:
+        key = persona_key(conversation)
+        try:
+            await (self._redis.delete(key) if text is None else self._redis.set(key, text))
+        except REDIS_ERRORS as exc:
+            self._outages.failed("store a persona", exc)
+            raise
+        self._outages.succeeded()
 
     async def append(self, conversation: ConversationKey, turns: Sequence[Turn]) -> None:
         if not turns:

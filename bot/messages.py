@@ -27,6 +27,10 @@ class ConversationKey:
             parts.append(self.thread)
         return ":".join(parts)
 
+    def channel_key(self) -> ConversationKey:
+        """The channel (or DM) this conversation is in, without its thread."""
+        return ConversationKey(self.platform, self.channel)
+
 
 @dataclass(frozen=True, slots=True)
 class Message:

@@ -56,9 +56,12 @@ class OpenAIBackend(Backend):
         self._session: aiohttp.ClientSession | None = None
         self._down = False
 
-    async def prepare(self, history: list[Turn], user_text: str) -> Prompt:
+    async def prepare(
+        self, history: list[Turn], user_text: str, system_prompt: str | None = None
+    ) -> Prompt:
         cut = user_text[:MAX_MESSAGE_CHARS]
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        system = self.system_prompt if system_prompt is None else system_prompt
+        messages = [{"role": "system", "content": system}] if system else []
         messages += [{"role": t.role, "content": t.content} for t in history]
         messages.append({"role": "user", "content": cut})
         return Prompt([], cut, len(history), cut != user_text, len(user_text), tuple(messages))

@@ -108,6 +108,7 @@ class Settings(BaseSettings):
     port: int = Field(default=3000, ge=1, le=65535)  # HTTP mode: POST /slack/events
     slack_allowed_channels: IdList = frozenset()
     slack_allowed_users: IdList = frozenset()
+    slack_admins: IdList = frozenset()  # user ids that may set a channel's /persona
     slack_thread_followups: bool = True
     slack_assistant: bool = True
     slack_native_streaming: bool = False

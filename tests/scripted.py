@@ -30,10 +30,14 @@ class ScriptedModel:
         self.fail_on = fail_on
         self.histories: list[list[Turn]] = []
         self.inputs: list[str] = []
+        self.system_prompts: list[str | None] = []
 
-    def prepare(self, history: list[Turn], user_text: str) -> Prompt:
+    def prepare(
+        self, history: list[Turn], user_text: str, system_prompt: str | None = None
+    ) -> Prompt:
         self.histories.append(list(history))
         self.inputs.append(user_text)
+        self.system_prompts.append(system_prompt)
         return Prompt([], user_text, len(history), False, len(user_text))
 
     def generate_batch(

@@ -387,7 +387,7 @@ async def test_slash_ask_reset_and_help(discord_bot: Factory) -> None:
     model = ScriptedModel(lambda text: f"answer to {text}")
     bot = await discord_bot(model)
     synced = [c for c in bot.fake.calls if c.method == "PUT" and c.path.endswith("/commands")]
-    assert {cmd["name"] for cmd in synced[0].body or []} == {"ask", "reset", "help"}
+    assert {cmd["name"] for cmd in synced[0].body or []} == {"ask", "reset", "help", "persona"}
 
     await bot.interact("ask", [{"name": "prompt", "type": 3, "value": "what is up"}])
     (edit,) = await bot.fake.wait_for(lambda c: c.path.endswith("/messages/@original"))

@@ -31,8 +31,10 @@ class Recorder:
         self.prompts: list[str] = []
         self.generations = 0
 
-    def prepare(self, history: list[Turn], user_text: str) -> Prompt:
-        return self.inner.prepare(history, user_text)
+    def prepare(
+        self, history: list[Turn], user_text: str, system_prompt: str | None = None
+    ) -> Prompt:
+        return self.inner.prepare(history, user_text, system_prompt)
 
     def generate_batch(
         self,

@@ -87,7 +87,8 @@ async def test_redis_schema_ttl_and_round_trips(redis_server: RedisServer) -> No
         CountingConnection.sends = 0
         await memory.history(A)
         assert CountingConnection.sends == 1
-        assert redis_key(A) == "chatbot:conv:discord:111"
+        assert redis_key(A) == "chatbot:conv:{discord:111}"
+        assert redis_key(B) == "chatbot:conv:{slack:C1}:1700000000.000100"
         assert 0 < await probe.ttl(redis_key(A)) <= 600
         assert await probe.lrange(redis_key(A), 0, -1) == [
             '{"role": "user", "content": "u"}',

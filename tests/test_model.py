@@ -80,8 +80,8 @@ class PromptSpy:
         self.inner = inner
         self.prompts: list[str] = []
 
-    def prepare(self, history: list[Turn], user_text: str) -> Any:
-        return self.inner.prepare(history, user_text)
+    def prepare(self, history: list[Turn], user_text: str, system_prompt: str | None = None) -> Any:
+        return self.inner.prepare(history, user_text, system_prompt)
 
     def generate_batch(self, prompts: Any, sinks: Any, stops: Any) -> list[str]:
         for prompt in prompts:

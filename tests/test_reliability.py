@@ -92,7 +92,7 @@ async def test_1000_messages_100_conversations_with_redis(redis_server: RedisSer
         stored = await memory.history(ConversationKey("load", channel))
         assert [t.content for t in stored if t.role == "user"] == texts[-6:]  # in order
         assert len(stored) == 12
-    keys = [k async for k in probe.scan_iter(f"{KEY_PREFIX}load:*")]
+    keys = [k async for k in probe.scan_iter(KEY_PREFIX + "{load:*")]
     assert len(keys) == 100
     assert max([await probe.llen(k) for k in keys]) <= 12  # the cap holds
     await engine.close()

@@ -32,6 +32,7 @@ from adapters.discord.translate import (
     to_message,
     trigger,
 )
+from bot import personas
 from bot.engine import Engine
 from bot.messages import Message
 from bot.ratelimit import RateLimiter, Verdict, rate_limit_note
@@ -236,6 +237,23 @@ class DiscordAdapter:
         async def help_(interaction: discord.Interaction) -> None:
             await interaction.response.send_message(HELP_LINE, ephemeral=True)
 
+        persona = app_commands.Group(name="persona", description="This channel's persona")
+
+        @persona.command(name="set", description="Give this channel its own system prompt")
+        @app_commands.describe(text="How the bot should behave here")
+        async def persona_set(interaction: discord.Interaction, text: str) -> None:
+            await self.slash_persona(interaction, "set", text)
+
+        @persona.command(name="show", description="Show this channel's persona")
+        async def persona_show(interaction: discord.Interaction) -> None:
+            await self.slash_persona(interaction, "show", "")
+
+        @persona.command(name="clear", description="Go back to the default persona")
+        async def persona_clear(interaction: discord.Interaction) -> None:
+            await self.slash_persona(interaction, "clear", "")
+
+        self.tree.add_command(persona)
+
     def _interaction_allowed(self, interaction: discord.Interaction) -> bool:
         return self._accepting and self._allowed(
             interaction.user, interaction.guild, interaction.channel
@@ -269,6 +287,22 @@ class DiscordAdapter:
                 await interaction.followup.send(part, allowed_mentions=NO_MENTIONS)
 
         await self._tracked(self._safely(interaction.channel, answer()))
+
+    async def slash_persona(
+        self, interaction: discord.Interaction, action: personas.Action, text: str
+    ) -> None:
+        if not self._interaction_allowed(interaction):
+            await interaction.response.send_message(REFUSAL, ephemeral=True)
+            return
+        in_guild = interaction.guild is not None
+        if action != "show" and in_guild and not interaction.permissions.manage_channels:
+            await interaction.response.send_message(personas.NOT_ALLOWED, ephemeral=True)
+            return
+        key = conversation_key(interaction.channel)
+        answer = await personas.run(self.engine, key, action, text)
+        await interaction.response.send_message(
+            answer, ephemeral=True, allowed_mentions=NO_MENTIONS
+        )
 
     async def slash_reset(self, interaction: discord.Interaction) -> None:
         if not self._interaction_allowed(interaction):

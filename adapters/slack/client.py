@@ -43,6 +43,7 @@ from adapters.slack.translate import (
     reply_thread,
     to_message,
 )
+from bot import personas
 from bot.dedupe import Dedupe, InProcessDedupe
 from bot.engine import Engine, ReplyStream
 from bot.messages import ConversationKey, Message
@@ -130,6 +131,7 @@ class SlackAdapter:
         self.app.event("message")(self.on_message)
         self.app.command("/ask")(self.on_ask)
         self.app.command("/reset")(self.on_reset)
+        self.app.command("/persona")(self.on_persona)
         self.app.error(self.on_error)
 
     async def on_error(self, error: Exception, body: dict[str, Any]) -> None:
@@ -344,6 +346,26 @@ class SlackAdapter:
         await self._tracked(
             self._stream(channel, thread, message, user, str(body.get("team_id") or ""))
         )
+
+    async def on_persona(self, ack: Any, command: dict[str, Any], respond: Any) -> None:
+        await ack()
+        if not self._command_allowed(command):
+            await respond(text=REFUSAL, response_type="ephemeral")
+            return
+        parsed = personas.parse(str(command.get("text", "")))
+        if parsed is None:
+            await respond(text=personas.USAGE, response_type="ephemeral")
+            return
+        action, text = parsed
+        if action != "show" and str(command.get("user_id")) not in self.settings.slack_admins:
+            await respond(
+                text="Only the admins in SLACK_ADMINS can change the persona.",
+                response_type="ephemeral",
+            )
+            return
+        key = ConversationKey(PLATFORM, str(command.get("channel_id", "")))
+        answer = await personas.run(self.engine, key, action, text)
+        await respond(text=escape(answer), response_type="ephemeral")
 
     async def on_reset(self, ack: Any, command: dict[str, Any], respond: Any) -> None:
         await ack()
