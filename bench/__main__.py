@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from bot.engine import Engine
+from bot.engine import Backend, Engine
 from bot.generation import Generator
 from bot.memory import RedisMemory
 from bot.messages import ConversationKey, Message
@@ -198,20 +198,30 @@ def seed_loop(generator: Generator, chats: list[list[str]]) -> Run:
 
 
 async def engine_run(
-    generator: Generator, redis_url: str, chats: list[list[str]], settings: Settings
+    generator: Generator,
+    redis_url: str,
+    chats: list[list[str]],
+    settings: Settings,
+    server: Settings | None = None,
 ) -> Run:
     """This bot's engine with Redis memory, `len(chats)` conversations at once, each
-    sending its next message when the previous reply is complete, as an adapter would."""
+    sending its next message when the previous reply is complete, as an adapter would.
+    With `server`: MODEL_BACKEND=openai, replies from that inference server."""
     memory = RedisMemory(redis_url, settings.memory_max_turns, settings.memory_ttl_seconds)
+    model: Backend | Generator = generator
+    if server is not None:
+        from bot.openai_backend import OpenAIBackend
+
+        model = OpenAIBackend(server)
     engine = Engine(
-        generator,
+        model,
         memory,
         max_batch=settings.batch_size,
         max_wait=settings.batch_wait_ms / 1000,
         max_queue=settings.max_queue,
     )
-    tokenizer = generator.loaded.tokenizer
-    run = Run("this bot", len(chats))
+    tokenizer = generator.loaded.tokenizer  # the same model: count tokens alike
+    run = Run("this bot, openai backend" if server else "this bot", len(chats))
     probe = LagProbe()
 
     async def converse(number: int, turns: list[str]) -> None:
@@ -371,6 +381,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smaller run, under 2 minutes")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
+    parser.add_argument(
+        "--openai-url",
+        help="also run the engine with MODEL_BACKEND=openai against this server "
+        "(e.g. http://127.0.0.1:8000/v1, serving the same model)",
+    )
+    parser.add_argument("--openai-model", default="", help="the model name the server serves")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("bot").setLevel(logging.WARNING)
@@ -413,6 +429,18 @@ def main() -> None:
                     engine_run(generator, redis.url, [c[:turns] for c in chats[:level]], settings)
                 )
             )
+        if args.openai_url:
+            server = settings.model_copy(
+                update={
+                    "model_backend": "openai",
+                    "openai_base_url": args.openai_url,
+                    "openai_model": args.openai_model,
+                }
+            )
+            for level in levels:
+                log.info("this bot, openai backend: %d concurrent conversations", level)
+                chosen = [c[:turns] for c in chats[:level]]
+                runs.append(asyncio.run(engine_run(generator, redis.url, chosen, settings, server)))
         log.info("long conversation: %d turns", len(long_turns))
         firsts = asyncio.run(long_conversation(generator, redis.url, long_turns, settings))
     finally:
