@@ -358,3 +358,24 @@ async def test_allow_lists_and_rate_limits_hold_under_load(discord_bot: Any) -> 
     notes = [c for c in bot.fake.sent(GENERAL) if "faster than I can answer" in str(c.body)]
     assert len(notes) == 1  # told once, then silence
     assert sum(map(answered, ids)) == 21
+
+
+async def test_console_survives_the_hostile_corpus() -> None:
+    import io
+
+    from adapters.console import ConsoleAdapter
+    from bot.memory import InProcessMemory
+
+    model = ScriptedModel(lambda text: f"echo {text[:100]}")
+    engine = Engine(model, InProcessMemory(20, 600), max_queue=1000)
+    # One message per line, as a pipe gives them: each entry's own line breaks become
+    # spaces, so the 112 entries are 112 messages.
+    entries = [" ".join(text.splitlines()) for _, text in hostile_inputs()]
+    lines = "\n".join(entries) + "\n"
+    out = io.StringIO()
+    await ConsoleAdapter(io.StringIO(lines), out, interactive=False).run(engine, asyncio.Event())
+    messages = [e for e in entries if e.strip() and not e.startswith("/")]
+    assert out.getvalue().count("\n") >= len(messages)  # one reply (or more lines) each
+    assert len(model.inputs) <= len(messages)
+    assert engine.pending == 0
+    await engine.close()
