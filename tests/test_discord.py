@@ -21,7 +21,7 @@ from adapters.discord.client import DiscordAdapter
 from adapters.discord.translate import HELP_LINE, REFUSAL
 from bot.engine import APOLOGY, Engine, ModelRunner
 from bot.memory import InProcessMemory
-from bot.messages import ConversationKey
+from bot.messages import ConversationKey, Turn
 from bot.model import LoadedModel
 from tests.conftest import greedy, make_settings
 from tests.fake_discord import (
@@ -460,3 +460,15 @@ async def test_shards_from_config(discord_bot: Factory) -> None:
     shards = sorted(tuple(i["shard"]) for i in bot.fake.identifies)
     assert shards == [(1, 4), (3, 4)]
     assert all(i["token"] == TOKEN for i in bot.fake.identifies)  # only to Discord's gateway
+
+
+async def test_thread_follow_ups_survive_a_restart(discord_bot: Factory) -> None:
+    model = ScriptedModel("ok")
+    bot = await discord_bot(model)
+    # What an earlier process left in (Redis) memory: the bot answered in this thread.
+    key = ConversationKey("discord", GENERAL, THREAD)
+    await bot.engine.memory.append(key, [Turn("user", "earlier"), Turn("assistant", "ok")])
+    await bot.say("follow-up after the restart", channel=THREAD)
+    await bot.replies(channel=THREAD)
+    await bot.settle()
+    assert model.inputs == ["follow-up after the restart"]

@@ -82,6 +82,7 @@ class DiscordAdapter:
         self._accepting = True
         self._inflight: set[asyncio.Task[object]] = set()
         self._threads: set[int] = set()  # threads the bot has answered in
+        self._looked_up: set[int] = set()  # threads whose memory was checked once
         self._register()
 
     # --- identity and access ---------------------------------------------------------
@@ -146,6 +147,7 @@ class DiscordAdapter:
         if not self._accepting or self._engine is None:
             return
         me = self.identity(message.guild)
+        await self._recall_thread(message.channel)
         why = trigger(message, me, self.rules, self._threads)
         if why is None:
             return
@@ -165,6 +167,17 @@ class DiscordAdapter:
         if isinstance(message.channel, discord.Thread):
             self._threads.add(message.channel.id)
         await self._tracked(self._answer(message, incoming))
+
+    async def _recall_thread(self, channel: object) -> None:
+        """After a restart, a thread the bot had answered in is known by its memory
+        (in Redis): look each unknown thread up once."""
+        if not isinstance(channel, discord.Thread) or not self.rules.thread_followups:
+            return
+        if channel.id in self._threads or channel.id in self._looked_up:
+            return
+        self._looked_up.add(channel.id)
+        if await self.engine.memory.history(conversation_key(channel)):
+            self._threads.add(channel.id)
 
     async def _answer(self, origin: discord.Message, incoming: Message) -> None:
         """Stream the reply: the first part replies to `origin`, the rest follow it."""
