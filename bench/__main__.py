@@ -213,13 +213,7 @@ async def engine_run(
         from bot.openai_backend import OpenAIBackend
 
         model = OpenAIBackend(server)
-    engine = Engine(
-        model,
-        memory,
-        max_batch=settings.batch_size,
-        max_wait=settings.batch_wait_ms / 1000,
-        max_queue=settings.max_queue,
-    )
+    engine = Engine.from_settings(model, memory, settings)
     tokenizer = generator.loaded.tokenizer  # the same model: count tokens alike
     run = Run("this bot, openai backend" if server else "this bot", len(chats))
     probe = LagProbe()

@@ -40,7 +40,7 @@ async def build_engine(settings: Settings) -> Engine:
 
         backend = OpenAIBackend(settings)
         log.info("Replies come from the inference server at %s", backend.masked_url)
-        return Engine(backend, memory, max_queue=settings.max_queue)
+        return Engine.from_settings(backend, memory, settings)
     started = time.monotonic()
     heartbeat = asyncio.create_task(_heartbeat(started))
     try:
@@ -50,14 +50,7 @@ async def build_engine(settings: Settings) -> Engine:
         raise
     finally:
         heartbeat.cancel()
-    generator = Generator.from_settings(loaded, settings)
-    return Engine(
-        generator,
-        memory,
-        max_batch=settings.batch_size,
-        max_wait=settings.batch_wait_ms / 1000,
-        max_queue=settings.max_queue,
-    )
+    return Engine.from_settings(Generator.from_settings(loaded, settings), memory, settings)
 
 
 async def serve(settings: Settings, adapters: Sequence[Adapter]) -> None:

@@ -1,9 +1,10 @@
 """The async generation engine: one message in, one reply (or a stream of it) out.
 
 For each message: wait for the conversation's earlier messages to be answered,
-read its history from memory, fit the prompt and run the model on a worker thread
-(the event loop never blocks), then store the user turn and the reply together.
-Different conversations proceed concurrently, up to the number of worker threads.
+read its history (and its channel's persona) from memory, fit the prompt, generate
+through the backend (the local model batched on a worker thread, so the event loop
+never blocks, or an inference server), then store the user turn and the reply
+together. Different conversations proceed concurrently.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bot.batching import Batcher, BatchRunner
 from bot.memory import Memory
 from bot.messages import ConversationKey, Message, Reply, Turn, clean_text
 from bot.prompt import Prompt
+from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +186,19 @@ class Engine:
         self.max_queue = max_queue
         self._order = _ConversationOrder()
         self._pending = 0
+
+    @classmethod
+    def from_settings(
+        cls, model: Backend | ModelRunner, memory: Memory, settings: Settings
+    ) -> Engine:
+        """An engine with the configured batching and queue limits."""
+        return cls(
+            model,
+            memory,
+            max_batch=settings.batch_size,
+            max_wait=settings.batch_wait_ms / 1000,
+            max_queue=settings.max_queue,
+        )
 
     def stream(self, message: Message) -> ReplyStream:
         """The reply to `message`, chunk by chunk as the model writes it."""

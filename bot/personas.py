@@ -22,12 +22,14 @@ NOT_ALLOWED = "Only channel managers can change this channel's persona."
 
 def parse(text: str) -> tuple[Action, str] | None:
     """`set <text>`, `show` or `clear`; None for anything else."""
-    action, _, argument = text.strip().partition(" ")
-    action = action.lower()
-    if action == "set" and argument.strip():
-        return "set", argument.strip()
-    if action in ("show", "clear") and not argument.strip():
-        return action, ""  # type: ignore[return-value]
+    word, _, argument = text.strip().partition(" ")
+    word, argument = word.lower(), argument.strip()
+    if word == "set" and argument:
+        return "set", argument
+    if word == "show" and not argument:
+        return "show", ""
+    if word == "clear" and not argument:
+        return "clear", ""
     return None
 
 

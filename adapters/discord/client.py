@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import aiohttp
 import discord
@@ -34,6 +34,7 @@ from adapters.discord.translate import (
 )
 from bot import personas
 from bot.engine import Engine
+from bot.inflight import InFlight
 from bot.messages import Message
 from bot.ratelimit import RateLimiter, Verdict, rate_limit_note
 from bot.settings import ConfigError, Settings
@@ -54,7 +55,6 @@ class DiscordAdapter:
         self.rules = Rules.from_settings(settings)
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
         self.pacer = EditPacer(edit_interval)
-        self.grace = settings.shutdown_grace_seconds
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enable it in the Developer Portal
         if settings.discord_shard_count:
@@ -79,8 +79,7 @@ class DiscordAdapter:
         self.tree = app_commands.CommandTree(self.client)
         self.ready = asyncio.Event()
         self._engine: Engine | None = None
-        self._accepting = True
-        self._inflight: set[asyncio.Task[object]] = set()
+        self._inflight = InFlight("Discord", settings.shutdown_grace_seconds)
         self._threads: set[int] = set()  # threads the bot has answered in
         self._looked_up: set[int] = set()  # threads whose memory was checked once
         self._register()
@@ -144,7 +143,7 @@ class DiscordAdapter:
         self.ready.set()
 
     async def on_message(self, message: discord.Message) -> None:
-        if not self._accepting or self._engine is None:
+        if not self._inflight.accepting or self._engine is None:
             return
         me = self.identity(message.guild)
         await self._recall_thread(message.channel)
@@ -166,7 +165,7 @@ class DiscordAdapter:
             return
         if isinstance(message.channel, discord.Thread):
             self._threads.add(message.channel.id)
-        await self._tracked(self._answer(message, incoming))
+        await self._inflight.track(self._answer(message, incoming))
 
     async def _recall_thread(self, channel: object) -> None:
         """After a restart, a thread the bot had answered in is known by its memory
@@ -199,10 +198,10 @@ class DiscordAdapter:
     async def _reply_text(self, origin: discord.Message, text: str) -> None:
         await origin.reply(text, mention_author=False, allowed_mentions=NO_MENTIONS)
 
-    async def _safely(self, channel: object, action: object) -> None:
+    async def _safely(self, channel: object, action: Awaitable[object]) -> None:
         """Await `action`; a Discord HTTP error is logged with the channel, not raised."""
         try:
-            await action  # type: ignore[misc]
+            await action
         except discord.HTTPException as exc:
             log.warning(
                 "Discord refused a message in channel %s: HTTP %s %s",
@@ -224,15 +223,6 @@ class DiscordAdapter:
             yield
         finally:
             await typing.__aexit__(None, None, None)
-
-    async def _tracked(self, work: object) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._inflight.add(task)
-        try:
-            await work  # type: ignore[misc]
-        finally:
-            self._inflight.discard(task)
 
     # --- slash commands ---------------------------------------------------------------
 
@@ -268,7 +258,7 @@ class DiscordAdapter:
         self.tree.add_command(persona)
 
     def _interaction_allowed(self, interaction: discord.Interaction) -> bool:
-        return self._accepting and self._allowed(
+        return self._inflight.accepting and self._allowed(
             interaction.user, interaction.guild, interaction.channel
         )
 
@@ -299,7 +289,7 @@ class DiscordAdapter:
             for part in rest:
                 await interaction.followup.send(part, allowed_mentions=NO_MENTIONS)
 
-        await self._tracked(self._safely(interaction.channel, answer()))
+        await self._inflight.track(self._safely(interaction.channel, answer()))
 
     async def slash_persona(
         self, interaction: discord.Interaction, action: personas.Action, text: str
@@ -338,12 +328,7 @@ class DiscordAdapter:
                 stopping.cancel()
                 self._raise_start_error(connection)
                 return
-            log.info("Discord: stopping; finishing %d reply(ies) in flight", len(self._inflight))
-            self._accepting = False
-            if self._inflight:
-                _, late = await asyncio.wait(self._inflight, timeout=self.grace)
-                if late:
-                    log.warning("Discord: %d reply(ies) cut short at shutdown", len(late))
+            await self._inflight.drain()
             await self.client.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await connection

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -30,6 +30,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.slack.translate import (
     HELP_TEXT,
+    MESSAGE_LIMIT,
     PLATFORM,
     REFUSAL,
     Rules,
@@ -46,6 +47,7 @@ from adapters.slack.translate import (
 from bot import personas
 from bot.dedupe import Dedupe, InProcessDedupe
 from bot.engine import Engine, ReplyStream
+from bot.inflight import InFlight
 from bot.messages import ConversationKey, Message
 from bot.ratelimit import RateLimiter, Verdict, rate_limit_note
 from bot.settings import ConfigError, Settings
@@ -109,8 +111,7 @@ class SlackAdapter:
         self.http_server: AsyncSlackAppServer | None = None
         self._runner: web.AppRunner | None = None
         self._engine: Engine | None = None
-        self._accepting = True
-        self._inflight: set[asyncio.Task[Any]] = set()
+        self._inflight = InFlight("Slack", settings.shutdown_grace_seconds)
         self.ready = asyncio.Event()
         self._register(settings.slack_assistant)
 
@@ -142,7 +143,7 @@ class SlackAdapter:
     ) -> None:
         bot_user = context.bot_user_id or ""
         if is_person_writing(event, bot_user):
-            await self._tracked(self._answer(event, body, bot_user, Trigger.MENTION))
+            await self._inflight.track(self._answer(event, body, bot_user, Trigger.MENTION))
 
     async def on_message(
         self, event: dict[str, Any], context: AsyncBoltContext, body: dict[str, Any]
@@ -162,7 +163,7 @@ class SlackAdapter:
             why = Trigger.THREAD
         else:
             return
-        await self._tracked(self._answer(event, body, bot_user, why))
+        await self._inflight.track(self._answer(event, body, bot_user, why))
 
     async def on_assistant_thread_started(self, say: Any, set_suggested_prompts: Any) -> None:
         await say(GREETING)
@@ -179,7 +180,7 @@ class SlackAdapter:
         if not is_person_writing(event, bot_user):
             return
         await set_status("is thinking…")
-        await self._tracked(self._answer(event, body, bot_user, Trigger.ASSISTANT))
+        await self._inflight.track(self._answer(event, body, bot_user, Trigger.ASSISTANT))
 
     # --- answering --------------------------------------------------------------------------
 
@@ -189,7 +190,7 @@ class SlackAdapter:
         channel = str(event.get("channel", ""))
         user = str(event.get("user", ""))
         thread = reply_thread(event)
-        if not self._accepting:
+        if not self._inflight.accepting:
             return
         # One answer per message, whatever the retries and replicas.
         if not await self.dedupe.first(f"{channel}:{event.get('ts')}"):
@@ -258,7 +259,7 @@ class SlackAdapter:
         streamer = None
         try:
             async for chunk in stream:
-                if streamer is None or streamed + len(chunk) > 3900:
+                if streamer is None or streamed + len(chunk) > MESSAGE_LIMIT:
                     if streamer is not None:
                         await streamer.stop()
                     streamer = await client.chat_stream(
@@ -286,20 +287,11 @@ class SlackAdapter:
                 exc.response.get("error", exc.response.status_code),
             )
 
-    async def _tracked(self, work: Awaitable[None]) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._inflight.add(task)
-        try:
-            await work
-        finally:
-            self._inflight.discard(task)
-
     # --- slash commands ---------------------------------------------------------------------
 
     def _command_allowed(self, command: Mapping[str, Any]) -> bool:
         channel = str(command.get("channel_id", ""))
-        return self._accepting and self.rules.allows(
+        return self._inflight.accepting and self.rules.allows(
             user=str(command.get("user_id", "")),
             channel=channel,
             is_direct=channel.startswith("D"),
@@ -343,7 +335,7 @@ class SlackAdapter:
             message_id=thread,
             is_direct=channel.startswith("D"),
         )
-        await self._tracked(
+        await self._inflight.track(
             self._stream(channel, thread, message, user, str(body.get("team_id") or ""))
         )
 
@@ -409,14 +401,7 @@ class SlackAdapter:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
-        self._accepting = False
-        if self._inflight:
-            log.info("Slack: stopping; finishing %d reply(ies) in flight", len(self._inflight))
-            _, late = await asyncio.wait(
-                self._inflight, timeout=self.settings.shutdown_grace_seconds
-            )
-            if late:
-                log.warning("Slack: %d reply(ies) cut short at shutdown", len(late))
+        await self._inflight.drain()
         if self.socket_handler is not None:
             with contextlib.suppress(Exception):
                 await self.socket_handler.close_async()  # type: ignore[no-untyped-call]
