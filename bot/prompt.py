@@ -10,6 +10,8 @@ the end-of-sequence token).
 from __future__ import annotations
 
 import bisect
+import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -56,20 +58,55 @@ class PromptFormat:
 def encode(
     tokenizer: ChatTokenizer, fmt: PromptFormat, messages: list[dict[str, str]]
 ) -> list[int]:
-    """Token ids of the whole prompt, ready for the model."""
+    """Token ids of the whole prompt, ready for the model.
+
+    The template is rendered around placeholders, so its structure (turn markers,
+    roles, BOS/EOS) is tokenized apart from the contents, and every content (user
+    text, history, persona, model replies) is tokenized as plain text: a
+    `<|im_start|>` typed by a user stays those characters, never the special token.
+    """
+    nonce = secrets.token_hex(8)
+    marks = [f"\x00{nonce}:{i}\x00" for i in range(len(messages))]
+    stand_ins = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
     if fmt.is_encoder_decoder:
         template = tokenizer.chat_template or BLENDERBOT_TEMPLATE
-        ids = tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=True, return_dict=False
-        )
+        rendered = tokenizer.apply_chat_template(stand_ins, chat_template=template, tokenize=False)
     else:
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        rendered = tokenizer.apply_chat_template(
+            stand_ins, add_generation_prompt=True, tokenize=False
         )
-    # Some tokenizers return a nested list (a batch of one).
-    if ids and isinstance(ids[0], list):
-        ids = ids[0]
-    return list(ids)
+    ids: list[int] = []
+    # Odd pieces are message indices (the capture group); even pieces are template text.
+    pieces = re.split(f"\x00{nonce}:(\\d+)\x00", str(rendered))
+    for i, piece in enumerate(pieces):
+        if i % 2:
+            ids += encode_text(tokenizer, messages[int(piece)]["content"])
+        elif piece:
+            ids += tokenizer.encode(piece, add_special_tokens=False)
+    return ids
+
+
+def encode_text(tokenizer: ChatTokenizer, text: str) -> list[int]:
+    """`text` as plain-text tokens: no special or added token can come out of it."""
+    ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    added = _added_ids(tokenizer)
+    if not added.intersection(ids):
+        return list(ids)
+    # A non-special added token still matched: spell it out character by character
+    # (one character is too short to match a whole added token).
+    out: list[int] = []
+    for token in ids:
+        if token in added:
+            for char in tokenizer.decode([token]):
+                out += tokenizer.encode(char, add_special_tokens=False, split_special_tokens=True)
+        else:
+            out.append(token)
+    return out
+
+
+def _added_ids(tokenizer: ChatTokenizer) -> frozenset[int]:
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return frozenset(int(i) for i in decoder)
 
 
 @dataclass(frozen=True)
@@ -114,10 +151,10 @@ def build_prompt(
 
 def _cut_message(tokenizer: ChatTokenizer, fmt: PromptFormat, text: str, budget: int) -> Prompt:
     overhead = len(encode(tokenizer, fmt, fmt.messages([], "")))
-    tokens = tokenizer.encode(text, add_special_tokens=False)
+    tokens = encode_text(tokenizer, text)
     keep = max(budget - overhead, 0)
     while True:
-        cut = tokenizer.decode(tokens[:keep], skip_special_tokens=True)
+        cut = tokenizer.decode(tokens[:keep])
         ids = encode(tokenizer, fmt, fmt.messages([], cut))
         # Decoding and re-encoding can merge tokens differently: shrink until it fits.
         if len(ids) <= budget or keep == 0:
