@@ -1,379 +1,141 @@
 """`python -m bench [--quick]`: this bot's engine against the seed's chatbot loop (and
 llama-cpp-python when it is installed), in one run, on the same model and chats.
 
-Writes bench/results/latest.json and bench/results/latest.png, and prints the ratios.
-Run it with nothing else on the cores: every figure is a ratio within this run.
+Workloads: the seed loop (in its default fp32 and in the bot's dtype); the engine in a
+closed loop at 1-32 conversations; open-loop Poisson arrivals at 0.5x, 1x and 3x the
+seed loop's capacity; a 12,000-character paste then short questions; a one-line
+question behind another conversation's long message; first token at turns 1-20;
+one message against a bare `generate`; warm start.
+
+Writes bench/results/latest.json (quick.json with --quick) and a chart when
+matplotlib is installed, and prints every figure with the CPU, dtype and threads and
+each of the issue's targets, met or missed. Run it with nothing else on the cores:
+every figure is a ratio within this run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
-import os
 import platform
-import shutil
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bot.engine import Backend, Engine
+from bench import report
+from bench.workloads import (
+    RedisServer,
+    Run,
+    Setup,
+    closed_loop,
+    dtype_name,
+    head_of_line,
+    llama_cpp_run,
+    long_history,
+    new_key,
+    open_loop,
+    seed_loop,
+    single_vs_bare,
+    startup_seconds,
+    timed,
+    turn_by_turn,
+)
 from bot.generation import Generator
-from bot.memory import RedisMemory
-from bot.messages import ConversationKey, Message
-from bot.model import LoadedModel, bundled_gguf, load_model
+from bot.memory import InProcessMemory, Memory, RedisMemory
+from bot.model import bundled_gguf, load_model
 from bot.settings import Settings
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 log = logging.getLogger("bench")
 
-
-@dataclass
-class Run:
-    """One system at one concurrency: what the chart and the ratios use."""
-
-    system: str
-    concurrency: int
-    messages: int = 0
-    tokens: int = 0
-    wall_s: float = 0.0
-    latencies_s: list[float] = field(default_factory=list)
-    ttft_s: list[float] = field(default_factory=list)
-    loop_lag_p99_ms: float | None = None
-    peak_rss_mb: float = 0.0
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "system": self.system,
-            "concurrency": self.concurrency,
-            "messages": self.messages,
-            "tokens": self.tokens,
-            "wall_s": round(self.wall_s, 2),
-            "tokens_per_s": round(self.tokens / self.wall_s, 1) if self.wall_s else 0,
-            "latency_p50_s": round(percentile(self.latencies_s, 50), 2),
-            "latency_p95_s": round(percentile(self.latencies_s, 95), 2),
-            "ttft_p50_s": round(percentile(self.ttft_s, 50), 3),
-            "loop_lag_p99_ms": self.loop_lag_p99_ms,
-            "peak_rss_mb": round(self.peak_rss_mb),
-        }
+WORKLOADS = (
+    "seed", "closed", "open-loop", "long-history", "head-of-line", "turns", "llama-cpp",
+    "single", "startup",
+)  # fmt: skip
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))
-    return ordered[index]
+@dataclass(frozen=True)
+class Plan:
+    """How much each workload does, and its time budget in seconds."""
+
+    max_new: int  # reply tokens: throughput workloads
+    ttft_new: int  # reply tokens: first-token workloads (the history still grows)
+    turns_per_chat: int
+    levels: tuple[int, ...]  # closed-loop concurrencies
+    closed_budget_s: float
+    seed_people: int
+    seed_budget_s: float
+    open_multiples: tuple[float, ...]
+    open_max: int
+    open_window_s: float
+    open_drain_s: float
+    paste_chars: int
+    paste_questions: int
+    paste_budget_s: float
+    hol_reps: int
+    hol_budget_s: float
+    turn_count: int
+    turn_reps: int
+    turn_budget_s: float
+    single_reps: int
+    startup_reps: int
+    llama_budget_s: float
 
 
-# --- measuring --------------------------------------------------------------------------
+PLANS = {
+    # ~10 minutes alone on 2 cores (AVX-512).
+    "full": Plan(
+        max_new=64, ttft_new=32, turns_per_chat=2, levels=(1, 4, 16, 32), closed_budget_s=120,
+        seed_people=16, seed_budget_s=75, open_multiples=(0.5, 1, 3), open_max=24,
+        open_window_s=40, open_drain_s=30, paste_chars=12_000, paste_questions=4,
+        paste_budget_s=90, hol_reps=3, hol_budget_s=90, turn_count=20, turn_reps=2,
+        turn_budget_s=100, single_reps=7, startup_reps=3, llama_budget_s=60,
+    ),
+    # under ~3 minutes.
+    "quick": Plan(
+        max_new=24, ttft_new=16, turns_per_chat=2, levels=(1, 4, 16), closed_budget_s=45,
+        seed_people=16, seed_budget_s=15, open_multiples=(0.5, 1, 3), open_max=12,
+        open_window_s=10, open_drain_s=12, paste_chars=12_000, paste_questions=2,
+        paste_budget_s=30, hol_reps=1, hol_budget_s=30, turn_count=20, turn_reps=1,
+        turn_budget_s=30, single_reps=3, startup_reps=1, llama_budget_s=20,
+    ),
+    # A smoke test of the bench itself (--tiny, not in --help): the figures mean nothing.
+    "tiny": Plan(
+        max_new=8, ttft_new=8, turns_per_chat=1, levels=(1, 4), closed_budget_s=20,
+        seed_people=4, seed_budget_s=6, open_multiples=(0.5, 3), open_max=4,
+        open_window_s=4, open_drain_s=10, paste_chars=2_000, paste_questions=1,
+        paste_budget_s=20, hol_reps=1, hol_budget_s=20, turn_count=5, turn_reps=1,
+        turn_budget_s=20, single_reps=1, startup_reps=0, llama_budget_s=10,
+    ),
+}  # fmt: skip
 
 
-@contextmanager
-def peak_rss(run: Run) -> Iterator[None]:
-    """Peak resident memory during the block (Linux: reset the high-water mark first)."""
-    with suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-    yield
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            run.peak_rss_mb = int(line.split()[1]) / 1024
-
-
-class LagProbe:
-    """Measures how late the event loop wakes a 5 ms sleeper."""
-
-    def __init__(self) -> None:
-        self.lags: list[float] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def _tick(self) -> None:
-        while True:
-            before = time.perf_counter()
-            await asyncio.sleep(0.005)
-            self.lags.append(time.perf_counter() - before - 0.005)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._tick())
-
-    async def stop(self) -> float:
-        assert self._task is not None
-        self._task.cancel()
-        return round(percentile(self.lags, 99) * 1000, 2)
-
-
-class RedisServer:
-    """A throwaway redis-server on a free loopback port."""
-
-    def __init__(self) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
-        binary = shutil.which("redis-server")
-        if binary is None:
-            sys.exit("redis-server is needed (make test installs it)")
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-# --- the systems ------------------------------------------------------------------------------
-
-
-def seed_loop(generator: Generator, chats: list[list[str]]) -> Run:
-    """The seed's chatbot loop: one `model.generate` per message, one message after
-    another, history kept in a list, no streaming, no batching.
-
-    It serves `len(chats)` people at once as such a loop would: each person's next
-    message arrives when their previous reply is done, and messages wait their turn
-    in arrival order; a reply's latency counts that wait.
-    """
-    loaded = generator.loaded
-    tokenizer, model = loaded.tokenizer, loaded.model
-    run = Run("seed loop", len(chats))
-    kwargs = generator.options.generate_kwargs()
-    system = {"role": "system", "content": generator.format.system_prompt}
-    histories: list[list[dict[str, str]]] = [[system] for _ in chats]
-    waiting = deque((0.0, number, 0) for number in range(len(chats)))
-    generation_times = []
-    started = time.perf_counter()
-    with peak_rss(run):
-        while waiting:
-            arrived, number, turn = waiting.popleft()
-            history = histories[number]
-            history.append({"role": "user", "content": chats[number][turn]})
-            begin = time.perf_counter()
-            inputs = tokenizer.apply_chat_template(
-                history, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )
-            with torch.inference_mode():
-                output = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **kwargs)
-            new = output[0][inputs["input_ids"].shape[1] :]
-            history.append(
-                {"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True)}
-            )
-            done = time.perf_counter() - started
-            generation_times.append(time.perf_counter() - begin)
-            run.latencies_s.append(done - arrived)
-            run.ttft_s.append(done - arrived)  # nothing is shown before the whole reply
-            run.tokens += len(new)
-            run.messages += 1
-            if turn + 1 < len(chats[number]):
-                waiting.append((done, number, turn + 1))
-    run.wall_s = time.perf_counter() - started
-    # The loop runs generate on the event loop's thread: it is blocked for each one.
-    run.loop_lag_p99_ms = round(percentile(generation_times, 99) * 1000, 1)
-    return run
-
-
-async def engine_run(
-    generator: Generator,
-    redis_url: str,
-    chats: list[list[str]],
-    settings: Settings,
-    server: Settings | None = None,
-) -> Run:
-    """This bot's engine with Redis memory, `len(chats)` conversations at once, each
-    sending its next message when the previous reply is complete, as an adapter would.
-    With `server`: MODEL_BACKEND=openai, replies from that inference server."""
-    memory = RedisMemory(redis_url, settings.memory_max_turns, settings.memory_ttl_seconds)
-    model: Backend | Generator = generator
-    if server is not None:
-        from bot.openai_backend import OpenAIBackend
-
-        model = OpenAIBackend(server)
-    engine = Engine.from_settings(model, memory, settings)
-    tokenizer = generator.loaded.tokenizer  # the same model: count tokens alike
-    run = Run("this bot, openai backend" if server else "this bot", len(chats))
-    probe = LagProbe()
-
-    async def converse(number: int, turns: list[str]) -> None:
-        key = ConversationKey("bench", f"{len(chats)}-{number}-{time.monotonic_ns()}")
-        for text in turns:
-            begin = time.perf_counter()
-            first: float | None = None
-            stream = engine.stream(Message(key, "bench", "bench", text))
-            async for _chunk in stream:
-                first = first or time.perf_counter() - begin
-            run.latencies_s.append(time.perf_counter() - begin)
-            run.ttft_s.append(first or 0.0)
-            assert stream.reply is not None and stream.reply.ok, stream.reply
-            run.tokens += len(tokenizer.encode(stream.reply.text, add_special_tokens=False))
-            run.messages += 1
-
-    with peak_rss(run):
-        probe.start()
-        started = time.perf_counter()
-        await asyncio.gather(*(converse(n, turns) for n, turns in enumerate(chats)))
-        run.wall_s = time.perf_counter() - started
-        run.loop_lag_p99_ms = await probe.stop()
-    await engine.close()
-    return run
-
-
-async def long_conversation(
-    generator: Generator, redis_url: str, turns: list[str], settings: Settings
-) -> list[float]:
-    """Time to first token at each turn of one long conversation."""
-    memory = RedisMemory(redis_url, 2 * len(turns), settings.memory_ttl_seconds)
-    engine = Engine(generator, memory)
-    key = ConversationKey("bench", f"long-{time.monotonic_ns()}")
-    firsts = []
-    for text in turns:
-        begin = time.perf_counter()
-        first = None
-        async for _chunk in engine.stream(Message(key, "bench", "bench", text)):
-            first = first or time.perf_counter() - begin
-        firsts.append(first or 0.0)
-    await engine.close()
-    return firsts
-
-
-def llama_cpp_run(chats: list[list[str]], settings: Settings, max_new_tokens: int) -> Run | None:
-    """The peer: llama-cpp-python on the same GGUF file, one message after another."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    llm: Any = Llama(
-        model_path=str(bundled_gguf()), n_ctx=4096, n_threads=os.cpu_count(), verbose=False
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run = Run("llama-cpp-python", 1)
-    started = time.perf_counter()
-    with peak_rss(run):
-        for turns in chats:
-            history = [{"role": "system", "content": settings.system_prompt}]
-            for text in turns:
-                history.append({"role": "user", "content": text})
-                begin = time.perf_counter()
-                first = None
-                pieces = []
-                for part in llm.create_chat_completion(
-                    messages=history,
-                    max_tokens=max_new_tokens,
-                    temperature=0,
-                    repeat_penalty=settings.repetition_penalty,
-                    stream=True,
-                ):
-                    delta = part["choices"][0]["delta"].get("content")
-                    if delta:
-                        first = first or time.perf_counter() - begin
-                        pieces.append(delta)
-                        run.tokens += 1  # one streamed piece per token
-                reply = "".join(pieces)
-                history.append({"role": "assistant", "content": reply})
-                run.latencies_s.append(time.perf_counter() - begin)
-                run.ttft_s.append(first or 0.0)
-                run.messages += 1
-    run.wall_s = time.perf_counter() - started
-    return run
-
-
-def startup_seconds(cache_dir: Path) -> float:
-    """Wall time of `python -m bot console` on empty input: start, load, ready, exit."""
-    env = {k: v for k, v in os.environ.items() if k in ("HOME", "PATH", "LANG")}
-    env.update(MODEL_CACHE_DIR=str(cache_dir), LOG_LEVEL="WARNING")
-    begin = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "bot", "console"],
-        input="",
-        env=env,
-        capture_output=True,
-        check=True,
-        text=True,
+    parser.add_argument("--quick", action="store_true", help="a smaller run, under ~3 minutes")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--only",
+        type=lambda text: [w.strip() for w in text.split(",") if w.strip()],
+        default=None,
+        metavar="W1,W2",
+        help=f"run only these workloads, of: {', '.join(WORKLOADS)} (open-loop runs the "
+        "seed loop too: its rates are multiples of the seed's capacity); writes "
+        "<name>-only.json",
     )
-    return time.perf_counter() - begin
-
-
-async def single_vs_bare(generator: Generator, text: str, repeats: int) -> tuple[float, float]:
-    """Median wall time of one message through the engine and of a bare
-    `model.generate` of the same prompt, measured alternately so that drift in the
-    machine's speed touches both alike."""
-    from bot.memory import InProcessMemory
-
-    engine = Engine(generator, InProcessMemory(4, 60))
-    prompt = generator.prepare([], text)
-    ids = torch.tensor([prompt.input_ids])
-    kwargs = generator.options.generate_kwargs()
-    bare, through_engine = [], []
-    for n in range(repeats):
-        begin = time.perf_counter()
-        with torch.inference_mode():
-            generator.loaded.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                pad_token_id=generator.loaded.tokenizer.pad_token_id,
-                **kwargs,
-            )
-        bare.append(time.perf_counter() - begin)
-        begin = time.perf_counter()
-        await engine.reply(Message(ConversationKey("bench", f"single-{n}"), "b", "b", text))
-        through_engine.append(time.perf_counter() - begin)
-    await engine.close()
-    return statistics.median(through_engine), statistics.median(bare)
-
-
-# --- reporting ----------------------------------------------------------------------------
-
-
-def chart(runs: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for system in dict.fromkeys(r["system"] for r in runs):
-        rows = sorted((r for r in runs if r["system"] == system), key=lambda r: r["concurrency"])
-        xs = [r["concurrency"] for r in rows]
-        style = "o-" if len(rows) > 1 else "s"
-        left.plot(xs, [r["tokens_per_s"] for r in rows], style, label=system)
-        right.plot(xs, [r["latency_p95_s"] for r in rows], style, label=system)
-    for axis, title in ((left, "aggregate tokens/s"), (right, "p95 reply latency (s)")):
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("concurrent conversations")
-        axis.set_title(title)
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.suptitle(f"SmolLM2-135M, {os.cpu_count()} CPU cores: python -m bench")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a smaller run, under 2 minutes")
+    parser.add_argument("--seed", type=int, default=7, help="seed of the open-loop arrivals")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
     parser.add_argument(
         "--openai-url",
@@ -381,49 +143,135 @@ def main() -> None:
         "(e.g. http://127.0.0.1:8000/v1, serving the same model)",
     )
     parser.add_argument("--openai-model", default="", help="the model name the server serves")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    unknown = set(args.only or ()) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    return args
+
+
+def paste_message(data: dict[str, Any], chars: int) -> str:
+    """The lead and the pasted text as one message of exactly `chars` characters."""
+    paste = data["paste"]
+    text = f"{paste['lead']}\n\n{paste['text']}"
+    while len(text) < chars:  # a longer paste than the stored text: it repeats
+        text += "\n\n" + paste["text"]
+    return text[:chars]
+
+
+def write(
+    results: dict[str, Any], out: Path, name: str, print_line: Any = print
+) -> tuple[Path, str | None]:
+    """Write the JSON, then try the chart; print the report. Returns the JSON's path
+    and, when the chart could not be drawn, why (with how to get it)."""
+    results["ratios"] = report.ratios(results)
+    results["extras"] = report.extras(results)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    missing = report.chart(results, out / f"{name}.png")
+    for line in report.lines(results):
+        print_line(line)
+    print_line("")
+    print_line(missing or f"wrote {out / (name + '.png')}")
+    print_line(f"wrote {path}")
+    return path, missing
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    plan = PLANS[mode]
+    chosen = set(args.only or WORKLOADS)
+    if "open-loop" in chosen:
+        chosen.add("seed")  # the open loop's rates are multiples of the seed's capacity
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("bot").setLevel(logging.WARNING)
+    bench_started = time.perf_counter()
 
     data = json.loads((HERE / "conversations.json").read_text())
-    chats = [c["turns"] for c in data["conversations"]]
-    max_new = 24 if args.quick else 64
-    turns = 2
-    levels = [1, 4, 16] if args.quick else [1, 4, 16, 32]
-    long_turns = data["long"]["turns"][: 6 if args.quick else 20]
+    chats: list[list[str]] = [c["turns"][: plan.turns_per_chat] for c in data["conversations"]]
+    paste = paste_message(data, plan.paste_chars)
+    questions: list[str] = data["paste"]["questions"][: plan.paste_questions]
+    question: str = data["head_of_line"]["question"]
 
-    settings = Settings(_env_file=None, temperature=0, max_new_tokens=max_new)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, temperature=0, max_new_tokens=plan.max_new)  # type: ignore[call-arg]
     begin = time.perf_counter()
-    loaded: LoadedModel = load_model(settings)
+    loaded = load_model(settings)
     log.info("model loaded in %.1f s", time.perf_counter() - begin)
-    generator = Generator.from_settings(loaded, settings)
-    generator.generate(generator.prepare([], "Warm up."))
+    dtype, threads = dtype_name(loaded.model), torch.get_num_threads()
+    tokenizer = loaded.tokenizer
 
+    def count_tokens(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    redis = RedisServer.start()
+    if redis is None:
+        log.warning("redis-server is not installed: the engine runs with in-process memory")
+
+    def memory(max_turns: int) -> Memory:
+        if redis is None:
+            return InProcessMemory(max_turns, settings.memory_ttl_seconds)
+        return RedisMemory(redis.url, max_turns, settings.memory_ttl_seconds)
+
+    def setup_for(new_tokens: int) -> Setup:
+        chosen_settings = settings.model_copy(update={"max_new_tokens": new_tokens})
+        generator = Generator.from_settings(loaded, chosen_settings)
+        return Setup(generator, chosen_settings, memory, count_tokens, dtype, threads)
+
+    setup, ttft_setup = setup_for(plan.max_new), setup_for(plan.ttft_new)
+
+    async def warm_up() -> None:
+        engine = setup.engine()
+        await timed(engine, new_key("warm"), "Warm up.")
+        await engine.close()
+
+    asyncio.run(warm_up())
+
+    machine = report.cpu_info()
+    machine.update(
+        python=platform.python_version(), torch=torch.__version__, torch_threads=threads,
+        dtype=dtype, memory="redis" if redis else "in-process",
+    )  # fmt: skip
     results: dict[str, Any] = {
-        "quick": args.quick,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "dtype": str(next(loaded.model.parameters()).dtype),
+        "mode": mode,
+        "quick": mode != "full",
+        "workloads": sorted(chosen),
+        "machine": machine,
+        "settings": {
+            "max_new_tokens": plan.max_new,
+            "ttft_max_new_tokens": plan.ttft_new,
+            "turns_per_chat": plan.turns_per_chat,
+            "greedy": True,
+            "open_loop_seed": args.seed,
+            "plan": asdict(plan),
         },
-        "settings": {"max_new_tokens": max_new, "turns_per_chat": turns, "greedy": True},
     }
     runs: list[Run] = []
-    for level in (1, 16):
-        log.info("seed loop: %d people at once, %d turns each", level, turns)
-        runs.append(seed_loop(generator, [c[:turns] for c in chats[:level]]))
-    redis = RedisServer()
     try:
-        for level in levels:
-            log.info("this bot: %d concurrent conversations", level)
-            runs.append(
-                asyncio.run(
-                    engine_run(generator, redis.url, [c[:turns] for c in chats[:level]], settings)
+        if "seed" in chosen:
+            log.info("seed loop (%s): 1 person, %d turns", dtype, plan.turns_per_chat)
+            label, budget = f"seed loop {dtype}", plan.seed_budget_s
+            runs.append(seed_loop(loaded, settings, chats[:1], budget, label))
+            people = chats[: plan.seed_people]
+            log.info("seed loop (%s): %d people at once", dtype, len(people))
+            runs.append(seed_loop(loaded, settings, people, budget, label))
+            if dtype != "float32":
+                # The seed loads its model without a dtype: torch's default, fp32.
+                log.info("seed loop (float32, as the seed loads it): %d people", len(people))
+                fp32 = load_model(settings.model_copy(update={"dtype": "fp32"}))
+                runs.append(seed_loop(fp32, settings, people, budget, "seed loop float32"))
+                del fp32
+                gc.collect()
+        if "closed" in chosen:
+            for level in plan.levels:
+                log.info("this bot: %d concurrent conversations", level)
+                runs.append(
+                    asyncio.run(closed_loop(setup, chats[:level], plan.closed_budget_s, "this bot"))
                 )
-            )
-        if args.openai_url:
+        if args.openai_url and "closed" in chosen:
+            from bot.openai_backend import OpenAIBackend
+
             server = settings.model_copy(
                 update={
                     "model_backend": "openai",
@@ -431,64 +279,85 @@ def main() -> None:
                     "openai_model": args.openai_model,
                 }
             )
-            for level in levels:
+            remote = Setup(OpenAIBackend(server), settings, memory, count_tokens, "server", 0)
+            for level in plan.levels:
                 log.info("this bot, openai backend: %d concurrent conversations", level)
-                chosen = [c[:turns] for c in chats[:level]]
-                runs.append(asyncio.run(engine_run(generator, redis.url, chosen, settings, server)))
-        log.info("long conversation: %d turns", len(long_turns))
-        firsts = asyncio.run(long_conversation(generator, redis.url, long_turns, settings))
+                runs.append(
+                    asyncio.run(
+                        closed_loop(
+                            remote, chats[:level], plan.closed_budget_s, "this bot, openai backend"
+                        )
+                    )
+                )
+        results["runs"] = [r.summary() for r in runs]
+        if "open-loop" in chosen:
+            seed = report.fastest_seed(results)
+            assert seed is not None
+            capacity = seed["messages_per_s"]
+            texts = [c["turns"][0] for c in data["conversations"]]
+            rates = []
+            for multiple in plan.open_multiples:
+                log.info("open loop: %gx the seed's %.3f msg/s", multiple, capacity)
+                measured = asyncio.run(
+                    open_loop(setup, texts, multiple * capacity, plan.open_max,
+                              plan.open_window_s, plan.open_drain_s, args.seed)
+                )  # fmt: skip
+                rates.append({"multiple": multiple, **measured})
+            results["open_loop"] = {
+                "seed": args.seed,
+                "seed_capacity_msg_per_s": capacity,
+                "seed_system": f"{seed['system']}, {seed['concurrency']} people",
+                "rates": rates,
+            }
+        if "long-history" in chosen:
+            log.info("long history: a %d-character paste, then short questions", len(paste))
+            results["long_history"] = asyncio.run(
+                long_history(ttft_setup, paste, questions, plan.paste_budget_s)
+            )
+        if "head-of-line" in chosen:
+            log.info("head of line: a question 0.5 s after a %d-character message", len(paste))
+            results["head_of_line"] = asyncio.run(
+                head_of_line(ttft_setup, paste, question, 0.5, plan.hol_reps, plan.hol_budget_s)
+            )
+        if "turns" in chosen:
+            turns = data["long"]["turns"][: plan.turn_count]
+            log.info("first token by turn: %d turns", len(turns))
+            results["turns"] = asyncio.run(
+                turn_by_turn(ttft_setup, turns, plan.turn_reps, plan.turn_budget_s)
+            )
+        if "single" in chosen:
+            log.info("one message: engine and bare generate, alternately")
+            single, bare = asyncio.run(single_vs_bare(setup, loaded, chats[0][0], plan.single_reps))
+            results["single"] = {
+                "engine_s": round(single, 3), "bare_s": round(bare, 3), **setup.tags()
+            }  # fmt: skip
     finally:
-        redis.stop()
-    log.info("llama-cpp-python, if installed")
-    peer = llama_cpp_run([c[:turns] for c in chats[:16]], settings, max_new)
-    if peer is not None:
-        runs.append(peer)
-    log.info("one message: engine and bare generate, alternately")
-    single, bare = asyncio.run(single_vs_bare(generator, chats[0][0], 3 if args.quick else 7))
-    startup = statistics.median(startup_seconds(settings.model_cache_dir) for _ in range(3))
-
-    summaries = [r.summary() for r in runs]
-    by = {(s["system"], s["concurrency"]): s for s in summaries}
-    top = max(levels[-1], 16) if 16 in levels else levels[-1]
-    bot16, seed16 = by[("this bot", 16)], by[("seed loop", 16)]
-    ratios = {
-        "tokens_per_s_16_vs_seed": round(bot16["tokens_per_s"] / seed16["tokens_per_s"], 2),
-        "p95_latency_16_vs_seed": round(bot16["latency_p95_s"] / seed16["latency_p95_s"], 2),
-        "single_reply_vs_bare_generate": round(single / bare, 3),
-        "single_reply_s": round(single, 2),
-        "bare_generate_s": round(bare, 2),
-        "loop_lag_p99_ms_at_full_load": by[("this bot", top)]["loop_lag_p99_ms"],
-        "startup_warm_cache_s": round(startup, 2),
-        "ttft_turn_1_s": round(firsts[0], 3),
-        f"ttft_turn_{len(firsts)}_s": round(firsts[-1], 3),
-    }
-    if peer is not None:
-        ratios["tokens_per_s_16_vs_llama_cpp"] = round(
-            bot16["tokens_per_s"] / by[("llama-cpp-python", 1)]["tokens_per_s"], 2
-        )
-    else:
-        results["llama_cpp"] = "skipped: llama_cpp is not importable (pip install llama-cpp-python)"
-    results.update(runs=summaries, ratios=ratios, ttft_by_turn_s=[round(f, 3) for f in firsts])
+        if redis is not None:
+            redis.stop()
+    if "llama-cpp" in chosen:
+        log.info("llama-cpp-python, if installed")
+        peer = llama_cpp_run(bundled_gguf(), chats[:16], settings, plan.llama_budget_s)
+        if peer is None:
+            results["llama_cpp"] = (
+                "not installed (pip install llama-cpp-python; it compiles for ~7-12 minutes)"
+            )
+        else:
+            runs.append(peer)
+    if "startup" in chosen and plan.startup_reps:
+        log.info("warm start: python -m bot console, %d times", plan.startup_reps)
+        times = [startup_seconds(settings.model_cache_dir) for _ in range(plan.startup_reps)]
+        results["startup"] = {
+            "warm_start_s": round(statistics.median(times), 2),
+            "runs": len(times),
+        }
+    results["runs"] = [r.summary() for r in runs]
     results["raw"] = [asdict(r) for r in runs]
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "quick" if args.quick else "latest"
-    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
-    chart(summaries, args.out / f"{name}.png")
-
-    header = ("system", "conc", "tok/s", "p50 s", "p95 s", "ttft s", "lag99 ms", "RSS MB")
-    print("\n{:<18}{:>5}{:>8}{:>8}{:>8}{:>8}{:>10}{:>8}".format(*header))
-    for s in summaries:
-        lag = "-" if s["loop_lag_p99_ms"] is None else f"{s['loop_lag_p99_ms']:.1f}"
-        print(
-            f"{s['system']:<18}{s['concurrency']:>5}{s['tokens_per_s']:>8.1f}{s['latency_p50_s']:>8.2f}"
-            f"{s['latency_p95_s']:>8.2f}{s['ttft_p50_s']:>8.3f}{lag:>10}{s['peak_rss_mb']:>8.0f}"
-        )
-    print()
-    for key, value in ratios.items():
-        print(f"{key:<34}{value}")
-    if peer is None:
-        print("llama-cpp-python: skipped (not installed; it compiles for ~7 minutes)")
-    print(f"\nwrote {args.out / (name + '.json')} and {args.out / (name + '.png')}")
+    results["bench_wall_s"] = round(time.perf_counter() - bench_started, 1)
+    name = {"full": "latest", "quick": "quick", "tiny": "tiny"}[mode]
+    if args.only:
+        name += "-only"
+    write(results, args.out, name)
+    print(f"bench ran for {results['bench_wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

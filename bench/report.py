@@ -1,0 +1,367 @@
+"""The bench's report: the machine, the ratios against the issue's targets, the printed
+table and the chart. Pure functions of the results dict (what latest.json holds), so
+that a test can check them without running a model.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+CHART_HINT = "pip install -e '.[bench]' (or make bench) for the chart"
+
+# The issue's targets: (key, what, comparison, target, unit).
+TARGETS: list[tuple[str, str, str, float, str]] = [
+    ("tokens_per_s_16_vs_seed", "16 concurrent vs seed loop, tokens/s", ">=", 8.0, "x"),
+    ("tokens_per_s_16_vs_llama_cpp", "16 concurrent vs llama-cpp-python", ">=", 1.5, "x"),
+    ("ttft_turn_20_vs_turn_1", "first token, turn 20 / turn 1", "<=", 1.5, "x"),
+    ("ttft_after_paste_vs_fresh", "first token after 12,000-char paste / fresh", "<=", 2.0, "x"),
+    ("head_of_line_vs_alone", "head of line: first token behind long / alone", "<=", 2.0, "x"),
+    ("open_loop_3x_ttft_p95_s", "open loop at 3x seed capacity, p95 first token", "<=", 2.0, "s"),
+    ("single_reply_vs_bare_generate", "1 conversation / bare generate", "<=", 1.05, "x"),
+    ("loop_lag_p99_ms", "event-loop lag p99 (worst engine workload)", "<=", 10.0, "ms"),
+    ("startup_warm_cache_s", "warm start to ready", "<=", 5.0, "s"),
+]
+
+
+def usable_cpus() -> int | None:
+    """The cores this process may run on (a container's share, not the host's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count()
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name, torch's kernel capability and the bf16 matrix features."""
+    import torch
+
+    name = ""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "Model") and not name:
+                name = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass  # not Linux: platform's answer, and the features unknown
+    known = bool(flags)
+    return {
+        "cpu_model": name or platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "avx512_bf16": ("avx512_bf16" in flags) if known else None,
+        "amx": bool(flags & {"amx_bf16", "amx_tile", "amx_int8"}) if known else None,
+        "cpus": usable_cpus(),
+    }
+
+
+def cpu_label(machine: dict[str, Any]) -> str:
+    """One line naming the CPU: goes next to every table."""
+
+    def yes(value: Any) -> str:
+        return "?" if value is None else "yes" if value else "no"
+
+    return (
+        f"{machine.get('cpu_model', '?')}, {machine.get('cpus', '?')} cores, "
+        f"capability {machine.get('cpu_capability', '?')}, "
+        f"AVX512-BF16 {yes(machine.get('avx512_bf16'))}, AMX {yes(machine.get('amx'))}"
+    )
+
+
+def _tags(entry: dict[str, Any]) -> str:
+    return f"{entry.get('dtype', '?')}, {entry.get('threads', '?')} thr"
+
+
+def _run(runs: list[dict[str, Any]], system: str, concurrency: int) -> dict[str, Any] | None:
+    for run in runs:
+        if run["system"] == system and run["concurrency"] == concurrency:
+            return run
+    return None
+
+
+def fastest_seed(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The faster of the seed loop's runs (its dtypes) at the most people."""
+    seeds: list[dict[str, Any]] = [
+        r for r in results.get("runs", []) if r["system"].startswith("seed loop")
+    ]
+    if not seeds:
+        return None
+    most = max(r["concurrency"] for r in seeds)
+    return max((r for r in seeds if r["concurrency"] == most), key=lambda r: r["tokens_per_s"])
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the issue with its figure from this run, met or missed (None:
+    not measured in this run, with why in `detail`)."""
+    runs: list[dict[str, Any]] = results.get("runs", [])
+    values: dict[str, tuple[float | None, str]] = {}
+
+    bots = [r for r in runs if r["system"] == "this bot"]
+    bot16 = _run(runs, "this bot", 16) or (
+        max(bots, key=lambda r: r["concurrency"]) if bots else None
+    )
+    seed = fastest_seed(results)
+    if bot16 and seed:
+        values["tokens_per_s_16_vs_seed"] = (
+            _div(bot16["tokens_per_s"], seed["tokens_per_s"]),
+            f"this bot at {bot16['concurrency']} ({_tags(bot16)}) {bot16['tokens_per_s']} tok/s "
+            f"vs {seed['system']} ({_tags(seed)}) {seed['tokens_per_s']} tok/s",
+        )
+    else:
+        values["tokens_per_s_16_vs_seed"] = (None, "not run")
+    peer = _run(runs, "llama-cpp-python", 1)
+    if bot16 and peer:
+        values["tokens_per_s_16_vs_llama_cpp"] = (
+            _div(bot16["tokens_per_s"], peer["tokens_per_s"]),
+            f"{bot16['tokens_per_s']} vs {peer['tokens_per_s']} tok/s ({_tags(peer)})",
+        )
+    else:
+        values["tokens_per_s_16_vs_llama_cpp"] = (
+            None,
+            results.get("llama_cpp", "not run") if bot16 else "not run",
+        )
+
+    turns = results.get("turns") or {}
+    at: dict[str, float] = turns.get("at", {})
+    last = max((int(n) for n in at), default=0)
+    if last > 1 and "1" in at:
+        note = "" if last == 20 else f" (turn {last}: the run stopped there)"
+        values["ttft_turn_20_vs_turn_1"] = (
+            _div(at[str(last)], at["1"]),
+            f"{at[str(last)]} s / {at['1']} s ({_tags(turns)}){note}",
+        )
+    else:
+        values["ttft_turn_20_vs_turn_1"] = (None, "not run")
+
+    paste = results.get("long_history") or {}
+    after, fresh = paste.get("after_paste_ttft_median_s"), paste.get("fresh_ttft_median_s")
+    values["ttft_after_paste_vs_fresh"] = (
+        _div(after, fresh),
+        f"median {after} s / {fresh} s ({_tags(paste)})" if after else "not run",
+    )
+
+    hol = results.get("head_of_line") or {}
+    behind, alone = hol.get("behind_long_ttft_median_s"), hol.get("alone_ttft_median_s")
+    values["head_of_line_vs_alone"] = (
+        _div(behind, alone),
+        f"median {behind} s / {alone} s ({_tags(hol)})" if behind else "not run",
+    )
+
+    rates = (results.get("open_loop") or {}).get("rates", [])
+    if rates:
+        top = max(rates, key=lambda r: r["multiple"])
+        values["open_loop_3x_ttft_p95_s"] = (
+            top["ttft_p95_s"],
+            f"at {top['multiple']}x = {top['rate_per_s']} msg/s, {top['arrivals']} arrivals, "
+            f"{top['unfinished']} cut ({_tags(top)})",
+        )
+    else:
+        values["open_loop_3x_ttft_p95_s"] = (None, "not run")
+
+    single = results.get("single") or {}
+    values["single_reply_vs_bare_generate"] = (
+        _div(single.get("engine_s"), single.get("bare_s")),
+        f"{single.get('engine_s')} s / {single.get('bare_s')} s ({_tags(single)})"
+        if single
+        else "not run",
+    )
+
+    lags: list[tuple[float, str]] = [
+        (r["loop_lag_p99_ms"], f"closed loop at {r['concurrency']}")
+        for r in bots
+        if r.get("loop_lag_p99_ms") is not None
+    ]
+    lags += [(r["loop_lag_p99_ms"], f"open loop at {r['multiple']}x") for r in rates]
+    for name in ("long_history", "head_of_line", "turns"):
+        lag = (results.get(name) or {}).get("loop_lag_p99_ms")
+        if lag is not None:
+            lags.append((lag, name.replace("_", " ")))
+    if lags:
+        worst = max(lags)
+        values["loop_lag_p99_ms"] = (worst[0], f"worst: {worst[1]}")
+    else:
+        values["loop_lag_p99_ms"] = (None, "not run")
+
+    startup = results.get("startup") or {}
+    values["startup_warm_cache_s"] = (
+        startup.get("warm_start_s"),
+        f"median of {startup.get('runs')} (`python -m bot console`, warm cache)"
+        if startup
+        else "not run",
+    )
+
+    out = []
+    for key, what, op, target, unit in TARGETS:
+        value, detail = values[key]
+        met = None if value is None else value >= target if op == ">=" else value <= target
+        out.append(
+            {"key": key, "what": what, "value": value, "unit": unit, "target": f"{op} {target:g}",
+             "met": met, "detail": detail}
+        )  # fmt: skip
+    return out
+
+
+def extras(results: dict[str, Any]) -> dict[str, Any]:
+    """Figures kept beside the targets (no target of their own)."""
+    runs: list[dict[str, Any]] = results.get("runs", [])
+    out: dict[str, Any] = {}
+    bot16 = _run(runs, "this bot", 16)
+    seed = fastest_seed(results)
+    if bot16 and seed:
+        out["p95_latency_16_vs_seed"] = _div(bot16["latency_p95_s"], seed["latency_p95_s"])
+    seeds = [r for r in runs if r["system"].startswith("seed loop") and r["concurrency"] > 1]
+    for r in seeds:
+        out[f"seed_tokens_per_s_{r['dtype']}"] = r["tokens_per_s"]
+    if seed:
+        out["seed_faster_dtype"] = seed["dtype"]
+    return out
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def lines(results: dict[str, Any]) -> list[str]:
+    """The printed report: every table headed by the CPU, dtype and threads on each row."""
+    machine = results.get("machine", {})
+    out = [
+        "",
+        f"CPU: {cpu_label(machine)}; torch {machine.get('torch', '?')}, "
+        f"{machine.get('torch_threads', '?')} threads; bot dtype {machine.get('dtype', '?')}",
+        "",
+        "Closed loop (each conversation sends its next message when its reply is done)",
+    ]
+    head = ("system", "dtype", "thr", "conc", "msgs", "tok/s", "p50 s", "p95 s", "ttft50",
+            "lag99 ms", "RSS MB")  # fmt: skip
+    out.append("{:<22}{:>11}{:>4}{:>5}{:>7}{:>8}{:>8}{:>8}{:>8}{:>10}{:>8}".format(*head))
+    for s in results.get("runs", []):
+        msgs = f"{s['messages']}" + ("*" if s.get("cut_short") else "")
+        out.append(
+            f"{s['system']:<22}{s['dtype']:>11}{s['threads']:>4}{s['concurrency']:>5}{msgs:>7}"
+            f"{s['tokens_per_s']:>8.1f}{s['latency_p50_s']:>8.2f}{s['latency_p95_s']:>8.2f}"
+            f"{s['ttft_p50_s']:>8.3f}{_fmt(s['loop_lag_p99_ms'], 1):>10}{s['peak_rss_mb']:>8.0f}"
+        )
+    if any(s.get("cut_short") for s in results.get("runs", [])):
+        out.append("  * stopped at its time budget: rates hold for the messages that ran")
+
+    open_loop = results.get("open_loop") or {}
+    if open_loop.get("rates"):
+        out += [
+            "",
+            f"Open loop: Poisson arrivals (seed {open_loop.get('seed')}), rates as multiples of "
+            f"the seed loop's capacity {open_loop.get('seed_capacity_msg_per_s')} msg/s "
+            f"({open_loop.get('seed_system')})",
+            "{:>6}{:>9}{:>7}{:>6}{:>6}{:>10}{:>10}{:>8}{:>8}{:>10}{:>11}{:>4}".format(
+                "x", "msg/s", "sent", "done", "cut", "ttft p50", "ttft p95", "p95 s", "tok/s",
+                "lag99 ms", "dtype", "thr"),
+        ]  # fmt: skip
+        for r in open_loop["rates"]:
+            out.append(
+                f"{r['multiple']:>6}{r['rate_per_s']:>9.3f}{r['arrivals']:>7}{r['finished']:>6}"
+                f"{r['unfinished']:>6}{r['ttft_p50_s']:>10.3f}{r['ttft_p95_s']:>10.3f}"
+                f"{r['latency_p95_s']:>8.2f}{r['tokens_per_s']:>8.1f}"
+                f"{_fmt(r.get('loop_lag_p99_ms'), 1):>10}{r['dtype']:>11}{r['threads']:>4}"
+            )
+
+    paste = results.get("long_history") or {}
+    if paste:
+        out += [
+            "",
+            f"Long history ({_tags(paste)}): a {paste['paste_chars']:,}-character paste "
+            f"(reply {paste['paste_reply_s']} s, input cut to fit: {paste['paste_truncated']}), "
+            "then short questions",
+            f"  first token after the paste: {paste['after_paste_ttft_s']} s; "
+            f"in a fresh conversation: {paste['fresh_ttft_s']} s",
+        ]
+    hol = results.get("head_of_line") or {}
+    if hol:
+        out += [
+            "",
+            f"Head of line ({_tags(hol)}): a one-line question {hol['delay_s']} s after "
+            f"a {hol['long_chars']:,}-character message in another conversation",
+            f"  first token behind it: {hol['behind_long_ttft_s']} s; alone: "
+            f"{hol['alone_ttft_s']} s; the long message's first chunk: "
+            f"{hol['long_first_chunk_s']} s",
+        ]
+    turns = results.get("turns") or {}
+    if turns.get("at"):
+        at = ", ".join(f"turn {n}: {t} s" for n, t in turns["at"].items())
+        out += ["", f"First token by turn ({_tags(turns)}, whole history kept): {at}"]
+    single = results.get("single") or {}
+    if single:
+        out.append(
+            f"One message ({_tags(single)}): engine {single['engine_s']} s, bare generate "
+            f"{single['bare_s']} s"
+        )
+    startup = results.get("startup") or {}
+    if startup:
+        out.append(f"Warm start to ready: {startup['warm_start_s']} s")
+
+    out += ["", f"Targets ({cpu_label(machine)}; bot dtype {machine.get('dtype', '?')}, "
+            f"{machine.get('torch_threads', '?')} threads)"]  # fmt: skip
+    for r in results.get("ratios", []):
+        state = "not measured" if r["met"] is None else "met" if r["met"] else "MISSED"
+        value = "-" if r["value"] is None else f"{r['value']:g} {r['unit']}"
+        out.append(f"  {r['what']:<48}{value:>12}  target {r['target']:<8} {state:<13}")
+        out.append(f"      {r['detail']}")
+    for key, value in (results.get("extras") or {}).items():
+        out.append(f"  {key:<48}{_fmt(value):>12}")
+    return out
+
+
+def chart(results: dict[str, Any], path: Path) -> str | None:
+    """Draw the chart; without matplotlib, say how to get it instead (None: drawn)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return f"chart: skipped, matplotlib is not installed: {CHART_HINT}"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results.get("runs", [])
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for system in dict.fromkeys(r["system"] for r in runs):
+        rows = sorted((r for r in runs if r["system"] == system), key=lambda r: r["concurrency"])
+        xs = [r["concurrency"] for r in rows]
+        style = "o-" if len(rows) > 1 else "s"
+        label = f"{system} ({rows[0]['dtype']})"
+        left.plot(xs, [r["tokens_per_s"] for r in rows], style, label=label)
+        middle.plot(xs, [r["latency_p95_s"] for r in rows], style, label=label)
+    for axis, title in ((left, "aggregate tokens/s"), (middle, "p95 reply latency (s)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent conversations (closed loop)")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    rates = (results.get("open_loop") or {}).get("rates", [])
+    if rates:
+        xs = [r["multiple"] for r in rates]
+        right.plot(xs, [r["ttft_p50_s"] for r in rates], "o-", label="p50")
+        right.plot(xs, [r["ttft_p95_s"] for r in rates], "o-", label="p95")
+        right.axhline(2.0, color="grey", linestyle=":", label="target p95 at 3x")
+        right.legend(fontsize=8)
+    right.set_xlabel("Poisson arrival rate, x the seed loop's capacity")
+    right.set_title("open loop: time to first token (s)")
+    right.grid(alpha=0.3)
+    machine = results.get("machine", {})
+    figure.suptitle(
+        f"SmolLM2-135M on {cpu_label(machine)}; bot {machine.get('dtype')}, "
+        f"{machine.get('torch_threads')} threads: python -m bench",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return None
