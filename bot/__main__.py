@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
-from bot.logs import setup_logging
+from bot.logs import redact, setup_logging
 from bot.settings import ConfigError, load_settings
 
 if TYPE_CHECKING:
@@ -32,11 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         help="console: chat in this terminal (default: run the configured platforms)",
     )
     args = parser.parse_args(argv)
+    # Known once the settings are read: what is printed outside the log scrubber is
+    # scrubbed here (a ConfigError may quote a URL).
+    secrets: list[str] = []
     try:
         settings = load_settings()
-        setup_logging(
-            settings.log_level, settings.secret_values(), json_lines=settings.log_format == "json"
-        )
+        secrets = settings.secret_values()
+        setup_logging(settings.log_level, secrets, json_lines=settings.log_format == "json")
         # Imported only now: torch and transformers take seconds, and a bad setting
         # should be reported at once.
         from bot.app import serve
@@ -55,13 +57,19 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         asyncio.run(serve(settings, adapters))
     except ConfigError as error:
-        print(error.message, file=sys.stderr)  # noqa: T201 - user-facing, no traceback
+        message = redact(error.message, secrets)
+        print(message, file=sys.stderr)  # noqa: T201 - user-facing, no traceback
         return 2
     except ConnectionError as error:
         log.error("%s", error)
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception:
+        # Through the log scrubber, not Python's own traceback printer: a library's
+        # exception may quote a URL or a header with a secret in it.
+        log.exception("The bot stopped on an unexpected error")
+        return 1
     return 0
 
 

@@ -42,11 +42,16 @@ class JsonFormatter(RedactingFormatter):
         entry.update({k: getattr(record, k) for k in self.EXTRA if hasattr(record, k)})
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
+        # Each field before encoding too: JSON escapes a secret with a quote, a backslash
+        # or a control character into text that no longer matches it.
+        entry = {k: redact(v, self._secrets) if isinstance(v, str) else v for k, v in entry.items()}
         return redact(json.dumps(entry, ensure_ascii=False), self._secrets)
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
-    for secret in secrets:
+    """`text` with every secret replaced by ***, the longest first (so a secret that
+    contains another is replaced whole)."""
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
 

@@ -114,3 +114,68 @@ def test_secrets_stay_out_of_repr_and_errors() -> None:
 )
 def test_mask_url(url: str, masked: str) -> None:
     assert mask_url(url) == masked
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://127.0.0.1:1/0?password=s3cretpw", "redis://127.0.0.1:1/0?password=***"),
+        ("redis://h/0?db=2&username=u&password=p", "redis://h/0?db=2&username=***&password=***"),
+        ("http://k:pw@h:8000/v1?api_key=abc&api-version=1", "http://k:***@h:8000/v1?api_key=***&api-version=1"),
+    ],
+)  # fmt: skip
+def test_mask_url_masks_query_credentials(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+
+
+def test_every_secret_a_url_setting_carries_is_known_and_kept_out_of_repr() -> None:
+    settings = make_settings(
+        redis_url="redis://127.0.0.1:1/0?password=redis-q-Pw11",
+        model_backend="openai",
+        openai_base_url="https://bob:openai-Pw22@llm.internal/v1?token=openai-Tk33&api-version=2",
+    )
+    secrets = settings.secret_values()
+    assert {"redis-q-Pw11", "openai-Pw22", "openai-Tk33"} <= set(secrets)
+    assert "2" not in secrets  # a plain option is not a secret
+    text = repr(settings) + str(settings) + str(settings.model_dump())
+    assert not any(s in text for s in ("redis-q-Pw11", "openai-Pw22", "openai-Tk33"))
+
+
+def test_json_log_lines_scrub_secrets_that_json_would_escape() -> None:
+    import json
+    import logging
+
+    from bot.logs import JsonFormatter
+
+    secret = 'pa"ss\\word-9'
+    record = logging.LogRecord("x", logging.ERROR, "", 0, "login with %s", (secret,), None)
+    line = JsonFormatter([secret]).format(record)
+    assert json.dumps(secret)[1:-1] not in line and secret not in line, line
+    assert json.loads(line)["message"] == "login with ***"
+
+
+def test_printed_start_up_error_masks_a_password_in_the_query(tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0?password=s3cretpw"
+    result = run_bot("console", env=bot_env(REDIS_URL=url), cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert "s3cretpw" not in result.stderr + result.stdout
+    assert "Cannot reach Redis at" in result.stderr and "password=***" in result.stderr
+
+
+def test_inference_server_url_secrets_never_printed(tmp_path: Path) -> None:
+    """The console against an unreachable server: start-up lines, the failure, the
+    apology; not one of the URL's or the key's secrets on the terminal."""
+    port = free_port()
+    env = bot_env(
+        MODEL_BACKEND="openai",
+        OPENAI_BASE_URL=f"http://bob:url-Pw44@127.0.0.1:{port}/v1?api_key=url-Key55",
+        OPENAI_API_KEY="sk-header-Key66",
+        OPENAI_MAX_RETRIES="0",
+        LOG_LEVEL="DEBUG",
+    )
+    result = run_bot("console", env=env, stdin="hello\n", cwd=tmp_path, timeout=60)
+    output = result.stderr + result.stdout
+    assert "Sorry" in output  # the failure happened and was reported
+    assert f"127.0.0.1:{port}" in output
+    for secret in ("url-Pw44", "url-Key55", "sk-header-Key66"):
+        assert secret not in output, secret
