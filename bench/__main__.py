@@ -86,6 +86,7 @@ class Plan:
     turn_reps: int
     turn_budget_s: float
     single_reps: int
+    single_budget_s: float
     startup_reps: int
     llama_budget_s: float
 
@@ -93,11 +94,11 @@ class Plan:
 PLANS = {
     # ~10 minutes alone on 2 cores (AVX-512).
     "full": Plan(
-        max_new=64, ttft_new=32, turns_per_chat=2, levels=(1, 4, 16, 32), closed_budget_s=120,
+        max_new=64, ttft_new=32, turns_per_chat=2, levels=(1, 4, 16, 32), closed_budget_s=90,
         seed_people=16, seed_budget_s=75, open_multiples=(0.5, 1, 3), open_max=24,
         open_window_s=40, open_drain_s=30, paste_chars=12_000, paste_questions=4,
         paste_budget_s=90, hol_reps=3, hol_budget_s=90, turn_count=20, turn_reps=2,
-        turn_budget_s=100, single_reps=7, startup_reps=3, llama_budget_s=60,
+        turn_budget_s=100, single_reps=7, single_budget_s=60, startup_reps=3, llama_budget_s=60,
     ),
     # under ~3 minutes.
     "quick": Plan(
@@ -105,7 +106,7 @@ PLANS = {
         seed_people=16, seed_budget_s=15, open_multiples=(0.5, 1, 3), open_max=12,
         open_window_s=10, open_drain_s=12, paste_chars=12_000, paste_questions=2,
         paste_budget_s=30, hol_reps=1, hol_budget_s=30, turn_count=20, turn_reps=1,
-        turn_budget_s=30, single_reps=3, startup_reps=1, llama_budget_s=20,
+        turn_budget_s=30, single_reps=3, single_budget_s=20, startup_reps=1, llama_budget_s=20,
     ),
     # A smoke test of the bench itself (--tiny, not in --help): the figures mean nothing.
     "tiny": Plan(
@@ -113,7 +114,7 @@ PLANS = {
         seed_people=4, seed_budget_s=6, open_multiples=(0.5, 3), open_max=4,
         open_window_s=4, open_drain_s=10, paste_chars=2_000, paste_questions=1,
         paste_budget_s=20, hol_reps=1, hol_budget_s=20, turn_count=5, turn_reps=1,
-        turn_budget_s=20, single_reps=1, startup_reps=0, llama_budget_s=10,
+        turn_budget_s=20, single_reps=1, single_budget_s=10, startup_reps=0, llama_budget_s=10,
     ),
 }  # fmt: skip
 
@@ -327,7 +328,9 @@ def main(argv: list[str] | None = None) -> None:
             )
         if "single" in chosen:
             log.info("one message: engine and bare generate, alternately")
-            single, bare = asyncio.run(single_vs_bare(setup, loaded, chats[0][0], plan.single_reps))
+            single, bare = asyncio.run(
+                single_vs_bare(setup, loaded, chats[0][0], plan.single_reps, plan.single_budget_s)
+            )
             results["single"] = {
                 "engine_s": round(single, 3), "bare_s": round(bare, 3), **setup.tags()
             }  # fmt: skip

@@ -268,16 +268,22 @@ def seed_loop(
     tokenizer, model = loaded.tokenizer, loaded.model
     run = Run(label, len(chats), dtype=dtype_name(model), threads=torch.get_num_threads())
     run.planned = sum(len(turns) for turns in chats)
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": settings.max_new_tokens,
-        "repetition_penalty": settings.repetition_penalty,
-        "do_sample": False,  # greedy, as the bot in the bench
-        "num_beams": 1,
-    }
+    kwargs = greedy_kwargs(settings)
     system = {"role": "system", "content": settings.system_prompt}
     histories: list[list[dict[str, str]]] = [[system] for _ in chats]
     waiting = deque((0.0, number, 0) for number in range(len(chats)))
     generation_times = []
+    # Warm, as the bot is before it is measured: the first generate pays one-off costs.
+    warm = tokenizer.apply_chat_template(
+        [system, {"role": "user", "content": "Warm up."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.inference_mode():
+        model.generate(
+            **warm, pad_token_id=tokenizer.pad_token_id, **{**kwargs, "max_new_tokens": 2}
+        )
     started = time.perf_counter()
     with peak_rss(run):
         while waiting:
@@ -309,6 +315,20 @@ def seed_loop(
     # The loop runs generate on the event loop's thread: it is blocked for each one.
     run.loop_lag_p99_ms = round(percentile(generation_times, 99) * 1000, 1)
     return run
+
+
+def greedy_kwargs(settings: Settings) -> dict[str, Any]:
+    """`generate` arguments for a greedy reply as long as the bot's."""
+    return {
+        "max_new_tokens": settings.max_new_tokens,
+        "repetition_penalty": settings.repetition_penalty,
+        "do_sample": False,
+        "num_beams": 1,
+        # Unset what the model's generation config may carry for sampling (no warnings).
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+    }
 
 
 def dtype_name(model: Any) -> str:
@@ -355,8 +375,8 @@ async def closed_loop(setup: Setup, chats: list[list[str]], budget_s: float, lab
 
 
 def arrival_times(count: int, rate: float, window_s: float, seed: int) -> list[float]:
-    """Poisson arrivals at `rate` per second: at most `count`, none after `window_s`
-    (but at least two). The same seed gives the same pattern at every rate, scaled."""
+    """Poisson arrivals at `rate` per second: at most `count`, none after `window_s`,
+    at least two. The same seed gives the same pattern at every rate, scaled."""
     rng = random.Random(seed)
     times: list[float] = []
     now = 0.0
@@ -365,6 +385,8 @@ def arrival_times(count: int, rate: float, window_s: float, seed: int) -> list[f
         if now > window_s and len(times) >= 2:
             break
         times.append(now)
+    if times[-1] > window_s:  # a rate too low for two arrivals in the window: compress
+        times = [t * window_s / times[-1] for t in times]
     return times
 
 
@@ -533,7 +555,9 @@ async def turn_by_turn(
     return out
 
 
-async def single_vs_bare(setup: Setup, loaded: Any, text: str, repeats: int) -> tuple[float, float]:
+async def single_vs_bare(
+    setup: Setup, loaded: Any, text: str, repeats: int, budget_s: float
+) -> tuple[float, float]:
     """Median wall time of one message through the engine and of a bare
     `model.generate` of the same chat, measured alternately so that drift in the
     machine's speed touches both alike."""
@@ -549,14 +573,13 @@ async def single_vs_bare(setup: Setup, loaded: Any, text: str, repeats: int) -> 
         chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
     inputs = {name: value.to(loaded.model.device) for name, value in inputs.items()}
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": setup.settings.max_new_tokens,
-        "repetition_penalty": setup.settings.repetition_penalty,
-        "do_sample": False,
-        "num_beams": 1,
-    }
-    bare, through_engine = [], []
+    kwargs = greedy_kwargs(setup.settings)
+    bare: list[float] = []
+    through_engine: list[float] = []
+    started = time.perf_counter()
     for _ in range(repeats):
+        if bare and time.perf_counter() - started > budget_s:
+            break
         begin = time.perf_counter()
         with torch.inference_mode():
             loaded.model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **kwargs)
