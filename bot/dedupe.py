@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Protocol
 
 from bot.redis_client import REDIS_ERRORS, Outages, connect
@@ -29,16 +31,27 @@ class Dedupe(Protocol):
 
 
 class InProcessDedupe:
-    def __init__(self, ttl_seconds: float = 600) -> None:
+    """Keys seen within the TTL, oldest first: expired ones are dropped from the front
+    on every call, so the table holds at most the TTL's worth of events."""
+
+    def __init__(
+        self, ttl_seconds: float = 600, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._ttl = ttl_seconds
-        self._seen: dict[str, float] = {}
+        self._clock = clock
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
     async def first(self, key: str) -> bool:
-        now = time.monotonic()
-        if len(self._seen) > 10_000:  # bounded: drop what has expired
-            self._seen = {k: t for k, t in self._seen.items() if now - t < self._ttl}
-        seen = self._seen.get(key)
-        if seen is not None and now - seen < self._ttl:
+        now = self._clock()
+        while self._seen:
+            oldest, seen_at = next(iter(self._seen.items()))
+            if now - seen_at < self._ttl:
+                break
+            del self._seen[oldest]
+        if key in self._seen:
             return False
         self._seen[key] = now
         return True

@@ -3,6 +3,10 @@
 A sliding window of the last minute's messages per user. Past the limit the user is
 told once (NOTIFY), then further messages are dropped (SILENT) until the window has
 room again, so a flood costs neither model time nor a growing queue.
+
+The table holds only users seen within about two windows: every `window` seconds,
+users idle for a whole window are dropped, so a stream of new users cannot grow it
+without bound.
 """
 
 from __future__ import annotations
@@ -31,12 +35,19 @@ class RateLimiter:
         self._clock = clock
         self._seen: dict[str, deque[float]] = {}
         self._told: set[str] = set()
+        self._swept = clock()
+
+    def __len__(self) -> int:
+        """Users currently tracked."""
+        return len(self._seen)
 
     def check(self, user: str) -> Verdict:
         """Record a message from `user` and say whether to answer it."""
         if self.per_minute <= 0:
             return Verdict.ALLOW
         now = self._clock()
+        if now - self._swept >= self.window:
+            self.forget_idle()
         seen = self._seen.setdefault(user, deque())
         while seen and now - seen[0] >= self.window:
             seen.popleft()
@@ -59,6 +70,7 @@ class RateLimiter:
     def forget_idle(self) -> None:
         """Drop users with no message in the window, so the table stays bounded."""
         now = self._clock()
+        self._swept = now
         for user in [u for u, s in self._seen.items() if not s or now - s[-1] >= self.window]:
             del self._seen[user]
             self._told.discard(user)

@@ -1,6 +1,11 @@
 """Showing a reply while it is written: post its first part as soon as there is
 text, then edit it (paced) as it grows, continuing in further messages past the
-platform's length limit. Platform-neutral: adapters supply post and edit."""
+platform's length limit. Platform-neutral: adapters supply post, edit and retract.
+
+The final render owns every message the reply posted: when the final text needs
+fewer messages than were posted (a reply that failed part-way is replaced by the
+apology), the extra ones are retracted, so none keeps text of the abandoned answer.
+"""
 
 from __future__ import annotations
 
@@ -47,18 +52,22 @@ class GrowingReply(Generic[H]):
         edit: Callable[[H, str], Awaitable[object]],
         pacer: EditPacer,
         pace_key: Callable[[H], Hashable],
+        *,
+        retract: Callable[[H], Awaitable[object]],
     ) -> None:
         self._render = render
         self._post = post
         self._edit = edit
         self._pacer = pacer
         self._pace_key = pace_key
+        self._retract = retract
         self.posted: list[H] = []
         self.shown: list[str] = []
 
     async def show(self, text: str, *, final: bool = False) -> None:
         """Bring the messages up to `text`; between final calls, skip edits not yet due."""
-        for index, part in enumerate(self._render(text)):
+        parts = self._render(text)
+        for index, part in enumerate(parts):
             if index < len(self.posted):
                 if self.shown[index] == part:
                     continue
@@ -74,6 +83,11 @@ class GrowingReply(Generic[H]):
                 self._pacer.mark(self._pace_key(handle))  # first edit a full interval later
                 self.posted.append(handle)
                 self.shown.append(part)
+        if final:
+            while len(self.posted) > len(parts):
+                await self._retract(self.posted[-1])
+                self.posted.pop()
+                self.shown.pop()
 
 
 async def play(stream: ReplyStream, reply: GrowingReply[H]) -> str:

@@ -54,6 +54,18 @@ class Call:
     at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
+# What Discord answers to a reply whose message is gone (fail_if_not_exists left true).
+UNKNOWN_REFERENCE = {
+    "message": "Invalid Form Body",
+    "code": 50035,
+    "errors": {
+        "message_reference": {
+            "_errors": [{"code": "MESSAGE_REFERENCE_UNKNOWN_MESSAGE", "message": "Unknown message"}]
+        }
+    },
+}
+
+
 def json_response(data: Any, status: int = 200) -> web.Response:
     # discord.py parses JSON only for exactly "application/json" (no charset).
     return web.Response(
@@ -68,6 +80,8 @@ class FakeDiscord(FakeServer[Call]):
         self.identifies: list[dict[str, Any]] = []  # IDENTIFY payloads, one per shard
         # channel id -> HTTP statuses to answer its next message sends with, in turn
         self.fail: dict[str, list[int]] = {}
+        # message ids gone from Discord: deleted by the bot, or by their author
+        self.deleted: set[str] = set()
         self._ids = itertools.count(9000000000000000001)
         self._seq = itertools.count(1)
 
@@ -154,6 +168,14 @@ class FakeDiscord(FakeServer[Call]):
                     error = {"message": "Internal Server Error", "code": 0}
                 return json_response(error, status)
             message_id = parts[3] if len(parts) > 3 else str(next(self._ids))
+            if request.method == "DELETE":
+                self.deleted.add(message_id)
+                return web.Response(status=204)
+            reference = (body or {}).get("message_reference") or {}
+            if str(reference.get("message_id")) in self.deleted:
+                if reference.get("fail_if_not_exists", True):
+                    return json_response(UNKNOWN_REFERENCE, 400)
+                (body or {}).pop("message_reference")  # posted as a plain message
             call.response = self.message(channel, message_id, body or {})
             return json_response(call.response)
         if parts[0] == "interactions":
@@ -198,8 +220,8 @@ class FakeDiscord(FakeServer[Call]):
         """What each message the bot posted in `channel` says now, after its edits."""
         finals: list[str] = []
         for post in self.sent(channel):
-            if post.response is None:
-                continue  # refused (fail injection)
+            if post.response is None or post.response["id"] in self.deleted:
+                continue  # refused (fail injection), or deleted since
             content = str((post.body or {}).get("content", ""))
             for edit in self.edits():
                 if edit.path == f"/channels/{channel}/messages/{post.response['id']}":

@@ -48,10 +48,13 @@ class FakeSlack(FakeServer[Call]):
         super().__init__()
         self.fail: dict[str, list[tuple[int, dict[str, str]]]] = {}
         self.acks: list[str] = []
+        self.deleted: set[str] = set()  # ts of messages deleted by chat.delete
+        self.not_in: set[str] = set()  # channels where chat.postMessage is refused
         self._ts = itertools.count(1)
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/api/{method}", self._api)
+        app.router.add_get("/api/{method}", self._api)  # conversations.info and other reads
         app.router.add_post("/respond/{id}", self._respond)
         app.router.add_get("/socket", self._socket)
 
@@ -65,10 +68,12 @@ class FakeSlack(FakeServer[Call]):
 
     async def _api(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
-        if request.content_type == "application/json":
-            args = dict(await request.json())
-        else:
-            args = dict(await request.post())
+        # slack_sdk sends some methods' arguments in the query string (params=).
+        args: dict[str, Any] = dict(request.query)
+        if request.method == "POST" and request.content_type == "application/json":
+            args |= dict(await request.json())
+        elif request.method == "POST":
+            args |= dict(await request.post())
         queued = self.fail.get(method)
         if queued:
             status, headers = queued.pop(0)
@@ -76,6 +81,8 @@ class FakeSlack(FakeServer[Call]):
             body = {"ok": False, "error": "ratelimited" if status == 429 else "fatal_error"}
             return web.json_response(body, status=status, headers=headers)
         answer = self._answer(method, args)
+        if method == "chat.postMessage" and args.get("channel") in self.not_in:
+            answer = {"ok": False, "error": "channel_not_found"}
         await self.record(Call(method, args, response=answer))
         return web.json_response(answer)
 
@@ -98,6 +105,17 @@ class FakeSlack(FakeServer[Call]):
             return {"ok": True, "channel": channel, "ts": ts, "message": message}
         if method == "chat.update":
             return {"ok": True, "channel": channel, "ts": args.get("ts"), "text": args.get("text")}
+        if method == "chat.delete":
+            self.deleted.add(str(args.get("ts")))
+            return {"ok": True, "channel": channel, "ts": args.get("ts")}
+        if method == "conversations.info":
+            # The bot sees its own DM with Ann and the channels; any other DM (between
+            # two people) does not exist for it.
+            if channel == DM:
+                return {"ok": True, "channel": {"id": DM, "is_im": True, "user": ANN}}
+            if channel.startswith("D"):
+                return {"ok": False, "error": "channel_not_found"}
+            return {"ok": True, "channel": {"id": channel, "is_channel": True}}
         if method == "chat.startStream":
             return {"ok": True, "channel": channel, "ts": ts}
         if method == "apps.connections.open":
@@ -130,13 +148,20 @@ class FakeSlack(FakeServer[Call]):
     # --- what the bot did ---------------------------------------------------------------
 
     def of(self, method: str) -> list[Call]:
-        return [c for c in self.calls if c.method == method and c.status == 200]
+        """Calls of `method` that Slack accepted."""
+        return [
+            c
+            for c in self.calls
+            if c.method == method and c.status == 200 and (c.response or {"ok": True})["ok"]
+        ]
 
     def final_texts(self, channel: str) -> list[str]:
         """What each message posted in `channel` says now, after chat.update."""
         texts: list[str] = []
         for post in self.of("chat.postMessage"):
-            if post.args.get("channel") != channel:
+            if post.args.get("channel") != channel or not (post.response or {}).get("ok"):
+                continue
+            if post.response and post.response["ts"] in self.deleted:
                 continue
             text = str(post.args.get("text", ""))
             for update in self.of("chat.update"):

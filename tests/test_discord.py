@@ -20,7 +20,7 @@ import yarl
 from adapters.discord.client import DiscordAdapter
 from adapters.discord.translate import HELP_LINE, REFUSAL
 from bot.engine import APOLOGY, Engine, ModelRunner
-from bot.memory import InProcessMemory
+from bot.memory import InProcessMemory, Memory
 from bot.messages import ConversationKey, Turn
 from bot.model import LoadedModel
 from tests.conftest import greedy, make_settings
@@ -122,12 +122,21 @@ async def discord_bot(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Factory]
         yarl.URL(f"ws://127.0.0.1:{fake.port}/gateway"),
     )
 
-    async def start(runner: ModelRunner | None = None, **values: Any) -> Harness:
+    async def start(
+        runner: ModelRunner | None = None,
+        *,
+        memory: Memory | None = None,
+        edit_interval: float = 0.2,
+        typing_interval: float = 5.0,
+        **values: Any,
+    ) -> Harness:
         settings = make_settings(discord_token=TOKEN, **values)
-        adapter = DiscordAdapter(settings, edit_interval=values.pop("edit_interval", 0.2))
+        adapter = DiscordAdapter(
+            settings, edit_interval=edit_interval, typing_interval=typing_interval
+        )
         # discord.py waits 2 s for more guilds before READY; the fake has only one.
         adapter.client._connection.guild_ready_timeout = 0.05
-        engine = Engine(runner or ScriptedModel(), InProcessMemory(20, 3600))
+        engine = Engine(runner or ScriptedModel(), memory or InProcessMemory(20, 3600))
         stop = asyncio.Event()
         task = asyncio.create_task(adapter.run(engine, stop))
         await asyncio.wait_for(adapter.ready.wait(), 30)

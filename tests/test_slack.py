@@ -21,15 +21,16 @@ import pytest
 from slack_sdk.signature import SignatureVerifier
 
 from adapters.slack.client import GREETING, UNFINISHED, SlackAdapter
-from adapters.slack.translate import HELP_TEXT, REFUSAL, escape
+from adapters.slack.translate import CANNOT_POST, HELP_TEXT, REFUSAL, escape
 from bot.dedupe import Dedupe, RedisDedupe
-from bot.engine import Engine, ModelRunner
+from bot.engine import APOLOGY, Engine, ModelRunner
 from bot.memory import InProcessMemory
-from bot.messages import ConversationKey
+from bot.messages import ConversationKey, Turn
 from bot.model import LoadedModel
 from tests.conftest import RedisServer, free_port, greedy, make_settings
 from tests.fake_slack import ANN, BOB, BOT_USER, CHANNEL, DM, OTHER_CHANNEL, FakeSlack, payload
 from tests.scripted import ScriptedModel
+from tests.test_adapters_scripts import FailsMidway, GatedModel
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 BOT_TOKEN = "xoxb-17653672481-19874698323-pdFZKVeTuE8sk7oOcBrzbqgy"
@@ -83,10 +84,26 @@ class SlackBot:
         assert status == 200
         return body
 
-    async def command(self, command: str, text: str, channel: str = CHANNEL) -> int:
+    async def command(
+        self,
+        command: str,
+        text: str,
+        channel: str = CHANNEL,
+        *,
+        user: str = ANN,
+        channel_name: str | None = None,
+    ) -> int:
+        """Send a slash command as Slack does (its text HTML-escaped by the caller)."""
         fields = payload("slash_command")
+        if channel_name is None:
+            channel_name = "directmessage" if channel.startswith("D") else "general"
         fields.update(
-            command=command, text=text, channel_id=channel, response_url=self.fake.response_url
+            command=command,
+            text=text,
+            channel_id=channel,
+            channel_name=channel_name,
+            user_id=user,
+            response_url=self.fake.response_url,
         )
         status, _ = await self.post(
             urlencode(fields), content_type="application/x-www-form-urlencoded"
@@ -505,3 +522,239 @@ async def test_sigterm_lets_the_reply_in_flight_finish(slack_bot: Factory) -> No
     # Stopped: the endpoint is closed, no new messages are taken.
     with pytest.raises(aiohttp.ClientConnectorError):
         await bot.post(json.dumps(bot.event_body()))
+
+
+# --- access: every entry point against each allow-list ------------------------------------------
+
+
+async def _try_every_entry_point(bot: SlackBot, user: str) -> None:
+    """A mention, a DM, a thread follow-up, the assistant panel and the three slash
+    commands, all from `user`, in CHANNEL and in the bot's DM."""
+    root = (await bot.send("app_mention", user=user))["event"]["ts"]
+    key = ConversationKey("slack", CHANNEL, root)
+    # As if the bot had answered there before: a follow-up would be answered.
+    await bot.engine.memory.append(key, [Turn("user", "earlier"), Turn("assistant", "ok")])
+    await bot.send("message", user=user, text="follow", channel=CHANNEL, channel_type="channel",
+                   thread_ts=root)  # fmt: skip
+    await bot.send("message", user=user, text="a DM")
+    started = bot.event_body("assistant_thread_started")
+    started["event"]["assistant_thread"]["user_id"] = user
+    await bot.post(json.dumps(started))
+    thread = started["event"]["assistant_thread"]["thread_ts"]
+    await bot.send("message", user=user, text="in the panel", thread_ts=thread)
+    for channel in (CHANNEL, DM):
+        await bot.command("/ask", "sneaky", channel=channel, user=user)
+        await bot.command("/persona", "show", channel=channel, user=user)
+    await bot.command("/reset", "", channel=DM, user=user)
+
+
+@pytest.mark.parametrize(
+    ("lists", "refused_user", "allowed"),
+    [
+        # A channel list alone also closes DMs and the assistant panel.
+        ({"slack_allowed_channels": OTHER_CHANNEL}, ANN, {"channel": OTHER_CHANNEL}),
+        ({"slack_allowed_users": BOB}, ANN, {"user": BOB}),
+        ({"slack_allow_dms": False, "slack_allowed_channels": CHANNEL}, ANN, None),
+    ],
+)
+async def test_allow_lists_cover_every_entry_point(
+    slack_bot: Factory, lists: dict[str, Any], refused_user: str, allowed: dict[str, Any] | None
+) -> None:
+    model = ScriptedModel("ok")
+    bot = await slack_bot(model, **lists)
+    if allowed is None:  # DMs closed, CHANNEL open: everything in the DM is refused
+        await bot.send("message", text="a DM")
+        started = bot.event_body("assistant_thread_started")
+        await bot.post(json.dumps(started))
+        thread = started["event"]["assistant_thread"]["thread_ts"]
+        await bot.send("message", text="in the panel", thread_ts=thread)
+        for command, text in (("/ask", "sneaky"), ("/persona", "show"), ("/reset", "")):
+            await bot.command(command, text, channel=DM)
+        refusals = 4  # the panel, and the three commands
+        allowed = {"channel": CHANNEL}
+    else:
+        await _try_every_entry_point(bot, refused_user)
+        refusals = 1 + 5  # the panel; /ask and /persona in CHANNEL and the DM; /reset
+    responses = await bot.fake.wait_for(lambda c: c.method == "response_url", refusals - 1)
+    assert all(r.args["text"] == REFUSAL for r in responses)
+    await bot.send("app_mention", text=f"<@{BOT_USER}> let me", **allowed)
+    await bot.fake.wait_for(lambda c: c.method == "chat.postMessage" and c.args["text"] == "ok")
+    await bot.settle()
+    assert model.inputs == ["let me"]
+    panel = [c.args["text"] for c in bot.fake.of("chat.postMessage") if c.args["text"] != "ok"]
+    assert panel == [REFUSAL]  # the assistant panel said so, and nothing else was posted
+    assert bot.fake.matching(lambda c: c.method == "assistant.threads.setStatus") == []
+    assert bot.fake.matching(lambda c: c.method == "assistant.threads.setSuggestedPrompts") == []
+    for r in bot.fake.matching(lambda c: c.method == "response_url"):
+        assert r.args["text"] == REFUSAL and r.args["response_type"] == "ephemeral"
+
+
+async def test_dms_open_again_with_slack_allow_dms(slack_bot: Factory) -> None:
+    model = ScriptedModel("ok")
+    bot = await slack_bot(model, slack_allowed_channels=OTHER_CHANNEL, slack_allow_dms=True)
+    await bot.send("message", text="a DM")
+    await bot.posts(channel=DM)
+    await bot.settle()
+    assert model.inputs == ["a DM"]
+
+
+class CountingMemory(InProcessMemory):
+    """In-process memory that notes which conversations' history was read."""
+
+    def __init__(self) -> None:
+        super().__init__(20, 3600)
+        self.looked_up: list[ConversationKey] = []
+
+    async def history(self, conversation: ConversationKey) -> list[Turn]:
+        self.looked_up.append(conversation)
+        return await super().history(conversation)
+
+
+async def test_a_refused_follow_up_is_not_looked_up_in_memory(slack_bot: Factory) -> None:
+    bot = await slack_bot(ScriptedModel("ok"), slack_allowed_users=BOB)
+    memory = CountingMemory()
+    bot.engine.memory = memory
+    thread = {"channel": CHANNEL, "channel_type": "channel"}
+    await bot.send("message", text="follow", thread_ts="1732800000.000100", **thread)
+    await bot.send("message", user=BOB, text="follow", thread_ts="1732800000.000200", **thread)
+    for _ in range(250):
+        if memory.looked_up:
+            break
+        await asyncio.sleep(0.02)
+    await bot.settle()
+    assert [k.thread for k in memory.looked_up] == ["1732800000.000200"]
+
+
+# --- acks: a command while a reply is being written ---------------------------------------------
+
+
+async def test_commands_ack_while_a_reply_streams_in_the_same_conversation(
+    slack_bot: Factory,
+) -> None:
+    model = GatedModel("Still writing this one, slowly.")
+    bot = await slack_bot(model, slack_admins=ANN)
+    await bot.send("message", text="a long one")
+    await bot.posts(channel=DM)  # the first part is up; the rest waits on the gate
+    try:
+        # Each command's HTTP response is its ack: it comes back while the reply in
+        # the same conversation is still being written.
+        assert await bot.command("/reset", "", channel=DM) == 200
+        assert await bot.command("/persona", "show", channel=DM) == 200
+        assert await bot.command("/ask", "meanwhile?", channel=DM) == 200
+        assert not model.gate.is_set()
+    finally:
+        model.gate.set()
+    responses = await bot.fake.wait_for(lambda c: c.method == "response_url", 2)
+    await bot.settle()
+    assert {r.args["text"] for r in responses} >= {"Done: I've forgotten our conversation."}
+
+
+# --- the assistant's status ---------------------------------------------------------------------
+
+
+async def test_assistant_status_only_for_a_message_that_is_answered(slack_bot: Factory) -> None:
+    model = ScriptedModel("ok")
+    bot = await slack_bot(model, rate_limit_per_minute=1)
+    started = bot.event_body("assistant_thread_started")
+    thread = started["event"]["assistant_thread"]["thread_ts"]
+    body = json.dumps(bot.event_body("message", text="first", thread_ts=thread))
+    await bot.post(body)
+    (status,) = await bot.fake.wait_for(lambda c: c.method == "assistant.threads.setStatus")
+    assert status.args["status"] == "is thinking…"
+    await bot.posts()
+    await bot.settle()
+    await bot.post(body, headers={"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "timeout"})
+    await bot.send("message", text="too fast", thread_ts=thread)  # rate-limited: a note
+    await bot.posts(2)
+    await bot.settle()
+    statuses = bot.fake.matching(lambda c: c.method == "assistant.threads.setStatus")
+    assert len(statuses) == 1 and model.inputs == ["first"]
+
+
+async def test_assistant_status_cleared_when_no_reply_could_be_posted(slack_bot: Factory) -> None:
+    bot = await slack_bot(ScriptedModel("ok"))
+    bot.fake.fail["chat.postMessage"] = [(500, {})] * 4  # the reply, then the note
+    await bot.send("message", text="hello", thread_ts="1732800400.000500")
+    statuses = await bot.fake.wait_for(lambda c: c.method == "assistant.threads.setStatus", 2)
+    assert [s.args["status"] for s in statuses] == ["is thinking…", ""]
+
+
+# --- & < > through every entry point ------------------------------------------------------------
+
+
+async def test_slash_text_is_unescaped_in_and_escaped_once_out(slack_bot: Factory) -> None:
+    model = ScriptedModel(lambda text: f"you said: {text}")
+    bot = await slack_bot(model, slack_admins=ANN)
+    typed = "is a < b && c > d?"
+    assert await bot.command("/ask", escape(typed)) == 200  # as Slack sends it
+    root, _ = await bot.posts(2)
+    await bot.settle()
+    assert model.inputs == [typed]
+    assert root.args["text"] == f"<@{ANN}> asked: {escape(typed)}"  # shows as typed
+    assert bot.fake.final_texts(CHANNEL)[-1] == escape(f"you said: {typed}")
+    history = await bot.engine.memory.history(
+        ConversationKey("slack", CHANNEL, root.response["ts"])
+    )
+    assert history[0].content == typed
+    await bot.command("/persona", escape("set Answer <briefly> & kindly"))
+    await bot.fake.wait_for(lambda c: c.method == "response_url")
+    assert (
+        await bot.engine.persona(ConversationKey("slack", CHANNEL)) == "Answer <briefly> & kindly"
+    )
+    await bot.command("/persona", "show")
+    shown = await bot.fake.wait_for(lambda c: c.method == "response_url", 2)
+    assert shown[1].args["text"] == escape("This channel's persona: Answer <briefly> & kindly")
+    await bot.send("app_mention", text=f"<@{BOT_USER}> {escape(typed)}")
+    await bot.posts(3)
+    await bot.settle()
+    assert model.inputs[-1] == typed
+
+
+# --- a failure mid-reply -------------------------------------------------------------------------
+
+
+async def test_a_reply_failing_after_several_messages_leaves_no_fragments(
+    slack_bot: Factory,
+) -> None:
+    text = "\n\n".join(f"Paragraph {i}: " + "words " * 60 for i in range(30))
+    bot = await slack_bot(FailsMidway(text, fail_at=6000))
+    await bot.send("app_mention")
+    await bot.posts(2)  # the failed reply spans two messages
+    await bot.settle()
+    finals = bot.fake.final_texts(CHANNEL)
+    assert finals == [APOLOGY]
+    assert len(bot.fake.of("chat.delete")) == 1
+
+
+# --- group DMs and DMs between people -------------------------------------------------------------
+
+
+async def test_ask_in_a_dm_between_people_and_in_a_group_dm(slack_bot: Factory) -> None:
+    model = ScriptedModel("ok")
+    bot = await slack_bot(model)
+    # A DM between Bob and Ann: a D… id, but not the bot's DM (it cannot post there).
+    await bot.command("/ask", "hello", channel="D0THEIRS01", user=BOB)
+    await bot.command("/reset", "", channel="D0THEIRS01", user=BOB)
+    # A group DM the bot is not in.
+    bot.fake.not_in.add("G0GROUPDM1")
+    await bot.command("/ask", "hello", channel="G0GROUPDM1", channel_name="mpdm-ann--bob-1")
+    responses = await bot.fake.wait_for(lambda c: c.method == "response_url", 3)
+    texts = [r.args["text"] for r in responses]
+    assert texts[:2] == [CANNOT_POST["dm"]] * 2
+    assert texts[2] == CANNOT_POST["group_dm"] and "/invite" not in texts[2]
+    assert model.inputs == []
+
+
+async def test_group_dm_is_answered_like_a_channel(slack_bot: Factory) -> None:
+    model = ScriptedModel("ok")
+    bot = await slack_bot(model)
+    group = {"channel": "G0GROUPDM1", "channel_type": "mpim"}
+    await bot.send("message", text="chatter, no mention", **group)
+    root = (await bot.send("app_mention", channel="G0GROUPDM1"))["event"]["ts"]
+    await bot.posts()
+    await bot.settle()
+    await bot.send("message", text="and a follow-up", thread_ts=root, **group)
+    posts = await bot.posts(2)
+    await bot.settle()
+    assert model.inputs == ["What is the capital of France?", "and a follow-up"]
+    assert all(p.args["thread_ts"] == root for p in posts)

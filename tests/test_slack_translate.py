@@ -7,8 +7,11 @@ import pytest
 from adapters.slack.translate import (
     MESSAGE_LIMIT,
     Rules,
+    command_place,
+    command_text,
     conversation_key,
     escape,
+    is_direct,
     is_person_writing,
     mentions,
     reply_parts,
@@ -99,3 +102,36 @@ def test_allow_lists() -> None:
     assert rules.allows(user="U1", channel="D9", is_direct=True)
     assert not rules.allows(user="U2", channel="C1", is_direct=False)
     assert Rules().allows(user="U2", channel="C2", is_direct=False)
+
+
+def test_rules_cover_dms_by_their_own_switch() -> None:
+    from tests.conftest import make_settings
+
+    open_rules = Rules()
+    assert open_rules.allows(user=ANN, channel=DM, is_direct=True)
+    # A channel list alone closes DMs (and the assistant panel) too...
+    closed = Rules.from_settings(make_settings(slack_allowed_channels="C0SUPPORT"))
+    assert not closed.allows(user=ANN, channel=DM, is_direct=True)
+    assert closed.allows(user=ANN, channel="C0SUPPORT", is_direct=False)
+    assert not closed.allows(user=ANN, channel=CHANNEL, is_direct=False)
+    # ...unless SLACK_ALLOW_DMS says otherwise; and it closes DMs on its own.
+    reopened = make_settings(slack_allowed_channels="C0SUPPORT", slack_allow_dms=True)
+    assert Rules.from_settings(reopened).allows(user=ANN, channel=DM, is_direct=True)
+    no_dms = Rules.from_settings(make_settings(slack_allow_dms=False))
+    assert not no_dms.allows(user=ANN, channel=DM, is_direct=True)
+    assert no_dms.allows(user=ANN, channel=CHANNEL, is_direct=False)
+    users = Rules.from_settings(make_settings(slack_allowed_users="U0BOB00001"))
+    assert not users.allows(user=ANN, channel=DM, is_direct=True)
+
+
+def test_whose_dm_and_which_place() -> None:
+    dm = payload("message")["event"]
+    assert is_direct(dm)
+    # A D… id is not enough: only Slack's channel_type says it is a DM with the bot.
+    assert not is_direct({**dm, "channel_type": "mpim", "channel": "G0GROUPDM1"})
+    assert not is_direct({"channel": "D0THEIRS01", "ts": "1.0"})
+    command = payload("slash_command")
+    assert command_place(command) == "channel"
+    assert command_place({**command, "channel_name": "directmessage"}) == "dm"
+    assert command_place({**command, "channel_name": "mpdm-ann--bob--cy-1"}) == "group_dm"
+    assert command_text({"text": " is a &lt; b &amp;&amp; c &gt; d? "}) == "is a < b && c > d?"

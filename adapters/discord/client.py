@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import discord
 from discord import app_commands
 
+from adapters.bounded import RecentSet
 from adapters.discord.translate import (
     HELP_LINE,
     NO_MENTIONS,
@@ -24,6 +25,7 @@ from adapters.discord.translate import (
     REFUSAL,
     Identity,
     Rules,
+    Trigger,
     conversation_key,
     invite_url,
     member_role_ids,
@@ -42,19 +44,29 @@ from bot.streaming import EditPacer, GrowingReply, play
 
 log = logging.getLogger(__name__)
 
+# Threads known to be the bot's (and, for a while, known not to be): bounded, so a
+# server with many threads cannot grow them without end; a forgotten one is looked
+# up again in memory.
+KNOWN_THREADS = 10_000
+NOT_OURS_SECONDS = 600.0
+COMMAND_FAILED = "Sorry, that didn't work. Please try again in a moment."
+
 
 class DiscordAdapter:
     """Runs the bot on Discord until `stop` is set."""
 
     name = PLATFORM
 
-    def __init__(self, settings: Settings, *, edit_interval: float = 1.0) -> None:
+    def __init__(
+        self, settings: Settings, *, edit_interval: float = 1.0, typing_interval: float = 5.0
+    ) -> None:
         if settings.discord_token is None:
             raise ConfigError("DISCORD_TOKEN is not set")
         self._token = settings.discord_token.get_secret_value()
         self.rules = Rules.from_settings(settings)
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
         self.pacer = EditPacer(edit_interval)
+        self.typing_interval = typing_interval  # Discord shows "is typing…" for ~10 s
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enable it in the Developer Portal
         if settings.discord_shard_count:
@@ -80,8 +92,8 @@ class DiscordAdapter:
         self.ready = asyncio.Event()
         self._engine: Engine | None = None
         self._inflight = InFlight("Discord", settings.shutdown_grace_seconds)
-        self._threads: set[int] = set()  # threads the bot has answered in
-        self._looked_up: set[int] = set()  # threads whose memory was checked once
+        self._threads: RecentSet[int] = RecentSet(KNOWN_THREADS)  # the bot answered there
+        self._not_ours: RecentSet[int] = RecentSet(KNOWN_THREADS, NOT_OURS_SECONDS)
         self._register()
 
     # --- identity and access ---------------------------------------------------------
@@ -146,8 +158,18 @@ class DiscordAdapter:
         if not self._inflight.accepting or self._engine is None:
             return
         me = self.identity(message.guild)
-        await self._recall_thread(message.channel)
         why = trigger(message, me, self.rules, self._threads)
+        channel = message.channel
+        if (
+            why is None
+            and isinstance(channel, discord.Thread)
+            and trigger(message, me, self.rules, {channel.id}) is Trigger.THREAD
+            and self._allowed(message.author, message.guild, channel)
+            and await self._recall_thread(channel)
+        ):
+            # A follow-up in a thread this process does not know (a restart, or
+            # forgotten): looked up in memory only for a message it may answer.
+            why = Trigger.THREAD
         if why is None:
             return
         if not self._allowed(message.author, message.guild, message.channel):
@@ -165,38 +187,62 @@ class DiscordAdapter:
             return
         if isinstance(message.channel, discord.Thread):
             self._threads.add(message.channel.id)
+            self._not_ours.discard(message.channel.id)
         await self._inflight.track(self._answer(message, incoming))
 
-    async def _recall_thread(self, channel: object) -> None:
-        """After a restart, a thread the bot had answered in is known by its memory
-        (in Redis): look each unknown thread up once."""
-        if not isinstance(channel, discord.Thread) or not self.rules.thread_followups:
-            return
-        if channel.id in self._threads or channel.id in self._looked_up:
-            return
-        self._looked_up.add(channel.id)
-        if await self.engine.memory.history(conversation_key(channel)):
-            self._threads.add(channel.id)
+    async def _recall_thread(self, thread: discord.Thread) -> bool:
+        """Whether the bot answered in `thread` before, by its memory (in Redis, it
+        survives a restart). A "no" is remembered for a while; a read that failed
+        (memory unreachable) is not, so the thread is looked up again next time."""
+        if thread.id in self._not_ours:
+            return False
+        if await self.engine.memory.history(conversation_key(thread)):
+            self._threads.add(thread.id)
+            return True
+        if await self.engine.memory.ready():  # an empty history, not an outage
+            self._not_ours.add(thread.id)
+        return False
 
     async def _answer(self, origin: discord.Message, incoming: Message) -> None:
         """Stream the reply: the first part replies to `origin`, the rest follow it."""
 
-        async def post(index: int, part: str) -> discord.Message:
-            if index == 0:
-                return await origin.reply(part, mention_author=False, allowed_mentions=NO_MENTIONS)
-            return await origin.channel.send(part, allowed_mentions=NO_MENTIONS)
+        async with self._typing(origin.channel) as stop_typing:
 
-        async def edit(message: discord.Message, part: str) -> object:
-            return await message.edit(content=part, allowed_mentions=NO_MENTIONS)
+            async def post(index: int, part: str) -> discord.Message:
+                if index == 0:
+                    # Posting clears "is typing…"; typing again would show it for
+                    # another ~10 s while the reply is only being edited.
+                    await stop_typing()
+                    return await self._reply_to(origin, part)
+                return await origin.channel.send(part, allowed_mentions=NO_MENTIONS)
 
-        # Paced per channel: Discord rate-limits edits per channel, and one global
-        # timer would slow every channel down to the busiest one.
-        reply = GrowingReply(reply_parts, post, edit, self.pacer, lambda m: m.channel.id)
-        async with self._typing(origin.channel):
+            async def edit(message: discord.Message, part: str) -> object:
+                return await message.edit(content=part, allowed_mentions=NO_MENTIONS)
+
+            async def retract(message: discord.Message) -> object:
+                with contextlib.suppress(discord.NotFound):
+                    await message.delete()
+                return None
+
+            # Paced per channel: Discord rate-limits edits per channel, and one global
+            # timer would slow every channel down to the busiest one.
+            reply = GrowingReply(
+                reply_parts, post, edit, self.pacer, lambda m: m.channel.id, retract=retract
+            )
             await self._safely(origin.channel, play(self.engine.stream(incoming), reply))
 
+    async def _reply_to(self, origin: discord.Message, text: str) -> discord.Message:
+        """Post `text` as a reply to `origin`; if `origin` was deleted meanwhile (by its
+        author, by AutoMod), as a plain message instead of failing."""
+        return await origin.channel.send(
+            text,
+            reference=origin.to_reference(fail_if_not_exists=False),
+            mention_author=False,
+            allowed_mentions=NO_MENTIONS,
+        )
+
     async def _reply_text(self, origin: discord.Message, text: str) -> None:
-        await origin.reply(text, mention_author=False, allowed_mentions=NO_MENTIONS)
+        await self._reply_to(origin, text)
 
     async def _safely(self, channel: object, action: Awaitable[object]) -> None:
         """Await `action`; a Discord HTTP error is logged with the channel, not raised."""
@@ -211,18 +257,33 @@ class DiscordAdapter:
             )
 
     @contextlib.asynccontextmanager
-    async def _typing(self, channel: discord.abc.Messageable) -> AsyncIterator[None]:
-        """The typing indicator while the reply is written; best effort."""
-        typing = channel.typing()
+    async def _typing(
+        self, channel: discord.abc.Messageable
+    ) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+        """ "is typing…" until the function it yields is called (or the block ends);
+        best effort: a refused typing call changes nothing else."""
+
+        async def trigger_typing() -> None:
+            with contextlib.suppress(discord.HTTPException):
+                await channel.typing()  # awaited, not entered: one indicator, no loop
+
+        async def keep_typing() -> None:
+            while True:
+                await asyncio.sleep(self.typing_interval)
+                await trigger_typing()
+
+        await trigger_typing()
+        task = asyncio.create_task(keep_typing())
+
+        async def stop() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
         try:
-            await typing.__aenter__()
-        except discord.HTTPException:
-            yield
-            return
-        try:
-            yield
+            yield stop
         finally:
-            await typing.__aexit__(None, None, None)
+            await stop()
 
     # --- slash commands ---------------------------------------------------------------
 
@@ -302,18 +363,37 @@ class DiscordAdapter:
             await interaction.response.send_message(personas.NOT_ALLOWED, ephemeral=True)
             return
         key = conversation_key(interaction.channel)
-        answer = await personas.run(self.engine, key, action, text)
-        await interaction.response.send_message(
-            answer, ephemeral=True, allowed_mentions=NO_MENTIONS
-        )
+        await self._after_defer(interaction, lambda: personas.run(self.engine, key, action, text))
 
     async def slash_reset(self, interaction: discord.Interaction) -> None:
         if not self._interaction_allowed(interaction):
             await interaction.response.send_message(REFUSAL, ephemeral=True)
             return
-        await self.engine.reset(conversation_key(interaction.channel))
-        await interaction.response.send_message(
-            "Done: I've forgotten this channel's conversation.", ephemeral=True
+
+        async def reset() -> str:
+            await self.engine.reset(conversation_key(interaction.channel))
+            return "Done: I've forgotten this channel's conversation."
+
+        await self._after_defer(interaction, reset)
+
+    async def _after_defer(
+        self, interaction: discord.Interaction, work: Callable[[], Awaitable[str]]
+    ) -> None:
+        """Acknowledge at once (privately), then do `work` and show what it returns.
+
+        `work` may wait on the engine (a reply being written in the same conversation)
+        or on Redis; Discord wants an answer to the interaction within 3 s.
+        """
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            answer = await work()
+        except Exception:
+            name = interaction.command.name if interaction.command else "command"
+            log.exception("/%s failed in channel %s", name, interaction.channel_id)
+            answer = COMMAND_FAILED
+        await self._safely(
+            interaction.channel,
+            interaction.edit_original_response(content=answer, allowed_mentions=NO_MENTIONS),
         )
 
     # --- running ------------------------------------------------------------------------

@@ -29,12 +29,15 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.slack.translate import (
+    CANNOT_POST,
     HELP_TEXT,
     MESSAGE_LIMIT,
     PLATFORM,
     REFUSAL,
     Rules,
     Trigger,
+    command_place,
+    command_text,
     conversation_key,
     escape,
     is_direct,
@@ -62,6 +65,8 @@ SUGGESTED_PROMPTS = [
     {"title": "Write", "message": "Write a two-line poem about Mondays."},
 ]
 UNFINISHED = "Sorry, I couldn't finish that reply."
+THINKING = "is thinking…"
+COMMAND_FAILED = "Sorry, that didn't work. Please try again in a moment."
 
 
 class SlackAdapter:
@@ -157,7 +162,10 @@ class SlackAdapter:
             return  # the app_mention event for this message answers it
         elif event.get("thread_ts") and self.rules.thread_followups:
             # A follow-up in a thread the bot has answered in: its memory says so, in
-            # any replica and after a restart.
+            # any replica and after a restart. Looked up only for a message the bot
+            # may answer.
+            if not self._event_allowed(event):
+                return
             if not await self.engine.memory.history(conversation_key(event)):
                 return
             why = Trigger.THREAD
@@ -165,7 +173,18 @@ class SlackAdapter:
             return
         await self._inflight.track(self._answer(event, body, bot_user, why))
 
-    async def on_assistant_thread_started(self, say: Any, set_suggested_prompts: Any) -> None:
+    async def on_assistant_thread_started(
+        self, event: dict[str, Any], say: Any, set_suggested_prompts: Any
+    ) -> None:
+        thread = event.get("assistant_thread") or {}
+        allowed = self.rules.allows(
+            user=str(thread.get("user_id", "")),
+            channel=str(thread.get("channel_id", "")),
+            is_direct=True,  # the assistant panel is a DM with the bot
+        )
+        if not allowed:
+            await say(REFUSAL)
+            return
         await say(GREETING)
         await set_suggested_prompts(prompts=SUGGESTED_PROMPTS)
 
@@ -179,27 +198,42 @@ class SlackAdapter:
         bot_user = context.bot_user_id or ""
         if not is_person_writing(event, bot_user):
             return
-        await set_status("is thinking…")
-        await self._inflight.track(self._answer(event, body, bot_user, Trigger.ASSISTANT))
+        await self._inflight.track(
+            self._answer(event, body, bot_user, Trigger.ASSISTANT, set_status)
+        )
 
     # --- answering --------------------------------------------------------------------------
 
+    def _event_allowed(self, event: Mapping[str, Any]) -> bool:
+        return self.rules.allows(
+            user=str(event.get("user", "")),
+            channel=str(event.get("channel", "")),
+            is_direct=is_direct(event),
+        )
+
     async def _answer(
-        self, event: Mapping[str, Any], body: Mapping[str, Any], bot_user: str, why: Trigger
+        self,
+        event: Mapping[str, Any],
+        body: Mapping[str, Any],
+        bot_user: str,
+        why: Trigger,
+        set_status: Any = None,
     ) -> None:
+        """Answer one message: access, once only, rate limit, then the reply. The
+        assistant's "is thinking…" shows only once the message will be answered."""
         channel = str(event.get("channel", ""))
         user = str(event.get("user", ""))
         thread = reply_thread(event)
         if not self._inflight.accepting:
+            return
+        if not self._event_allowed(event):
+            log.debug("Ignoring a %s from %s in %s: not allowed", why, user, channel)
             return
         # One answer per message, whatever the retries and replicas.
         if not await self.dedupe.first(f"{channel}:{event.get('ts')}"):
             log.debug(
                 "Already answered %s:%s (event %s)", channel, event.get("ts"), body.get("event_id")
             )
-            return
-        if not self.rules.allows(user=user, channel=channel, is_direct=is_direct(event)):
-            log.debug("Ignoring a %s from %s in %s: not allowed", why, user, channel)
             return
         verdict = self.limiter.check(user)
         if verdict is not Verdict.ALLOW:
@@ -211,17 +245,31 @@ class SlackAdapter:
         if not message.text:
             await self._post_text(channel, thread, HELP_TEXT)
             return
-        await self._stream(channel, thread, message, user, str(body.get("team_id") or ""))
+        if set_status is not None:
+            await self._set_status(set_status, THINKING)
+        posted = await self._stream(channel, thread, message, user, str(body.get("team_id") or ""))
+        if set_status is not None and not posted:
+            # A reply clears the status; with none posted it would stay for good.
+            await self._set_status(set_status, "")
+
+    async def _set_status(self, set_status: Any, status: str) -> None:
+        try:
+            await set_status(status)
+        except SlackApiError as exc:
+            log.warning("Slack refused an assistant status: %s", exc.response.get("error"))
 
     async def _stream(
         self, channel: str, thread: str | None, message: Message, user: str, team: str
-    ) -> None:
+    ) -> bool:
+        """Write the reply to `message`; True if anything was posted."""
         stream = self.engine.stream(message)
+        reply = self._growing_reply(channel, thread)
+        native: list[object] = []
         try:
             if self.native_streaming and thread is not None:
-                await self._stream_natively(stream, channel, thread, user, team)
+                await self._stream_natively(stream, channel, thread, user, team, native)
             else:
-                await play(stream, self._growing_reply(channel, thread))
+                await play(stream, reply)
         except SlackApiError as exc:
             log.warning(
                 "Slack refused a reply in channel %s: %s",
@@ -229,7 +277,11 @@ class SlackAdapter:
                 exc.response.get("error", exc.response.status_code),
             )
             await stream.aclose()
-            await self._post_text(channel, thread, UNFINISHED)
+            # What was posted stays, followed by a note saying it was cut short.
+            return await self._post_text(channel, thread, UNFINISHED) or bool(
+                reply.posted or native
+            )
+        return bool(reply.posted or native)
 
     def _growing_reply(self, channel: str, thread: str | None) -> GrowingReply[str]:
         """chat.postMessage for each part, then chat.update, paced per message."""
@@ -244,10 +296,19 @@ class SlackAdapter:
         async def edit(ts: str, part: str) -> object:
             return await client.chat_update(channel=channel, ts=ts, text=part)
 
-        return GrowingReply(reply_parts, post, edit, self.pacer, lambda ts: ts)
+        async def retract(ts: str) -> object:
+            return await client.chat_delete(channel=channel, ts=ts)
+
+        return GrowingReply(reply_parts, post, edit, self.pacer, lambda ts: ts, retract=retract)
 
     async def _stream_natively(
-        self, stream: ReplyStream, channel: str, thread: str, user: str, team: str
+        self,
+        stream: ReplyStream,
+        channel: str,
+        thread: str,
+        user: str,
+        team: str,
+        started: list[object],
     ) -> None:
         """Slack's streaming API for AI apps (chat.startStream/appendStream/stopStream).
 
@@ -269,6 +330,7 @@ class SlackAdapter:
                         recipient_team_id=team or None,
                         buffer_size=64,
                     )
+                    started.append(streamer)
                     streamed = 0
                 await streamer.append(markdown_text=escape(chunk))
                 streamed += len(chunk)
@@ -277,7 +339,8 @@ class SlackAdapter:
         if streamer is not None:
             await streamer.stop()
 
-    async def _post_text(self, channel: str, thread: str | None, text: str) -> None:
+    async def _post_text(self, channel: str, thread: str | None, text: str) -> bool:
+        """Post a short message; True if Slack took it (a refusal is logged)."""
         try:
             await self.app.client.chat_postMessage(channel=channel, thread_ts=thread, text=text)
         except SlackApiError as exc:
@@ -286,15 +349,33 @@ class SlackAdapter:
                 channel,
                 exc.response.get("error", exc.response.status_code),
             )
+            return False
+        return True
 
     # --- slash commands ---------------------------------------------------------------------
+    # Each one acks first (Slack wants it within 3 s), before anything that can wait on
+    # the engine, Redis or the Web API. Command text arrives HTML-escaped: read through
+    # `command_text`, escaped once on the way out.
 
-    def _command_allowed(self, command: Mapping[str, Any]) -> bool:
-        channel = str(command.get("channel_id", ""))
+    async def _is_own_dm(self, command: Mapping[str, Any]) -> bool:
+        """Whether a command typed in a 1:1 DM was typed in the DM with the bot: a DM
+        between two people is a DM too, and the bot can neither read nor post there."""
+        if command_place(command) != "dm":
+            return False
+        try:
+            info = await self.app.client.conversations_info(
+                channel=str(command.get("channel_id", ""))
+            )
+        except SlackApiError:
+            return False  # channel_not_found: someone else's DM
+        channel = info.get("channel") or {}
+        return bool(channel.get("is_im")) and channel.get("user") == command.get("user_id")
+
+    def _command_allowed(self, command: Mapping[str, Any], own_dm: bool) -> bool:
         return self._inflight.accepting and self.rules.allows(
             user=str(command.get("user_id", "")),
-            channel=channel,
-            is_direct=channel.startswith("D"),
+            channel=str(command.get("channel_id", "")),
+            is_direct=own_dm,
         )
 
     async def on_ask(
@@ -303,9 +384,13 @@ class SlackAdapter:
         await ack()  # within Slack's 3 s, before any generation
         user = str(command.get("user_id", ""))
         channel = str(command.get("channel_id", ""))
-        question = str(command.get("text", "")).strip()
-        if not self._command_allowed(command):
+        question = command_text(command)
+        own_dm = await self._is_own_dm(command)
+        if not self._command_allowed(command, own_dm):
             await respond(text=REFUSAL, response_type="ephemeral")
+            return
+        if command_place(command) == "dm" and not own_dm:
+            await respond(text=CANNOT_POST["dm"], response_type="ephemeral")
             return
         if not question:
             await respond(text=HELP_TEXT, response_type="ephemeral")
@@ -321,10 +406,8 @@ class SlackAdapter:
             )
         except SlackApiError as exc:
             log.warning("Slack refused /ask in channel %s: %s", channel, exc.response.get("error"))
-            await respond(
-                text="I can't post in this channel: invite me first (/invite).",
-                response_type="ephemeral",
-            )
+            place = command_place(command)
+            await respond(text=CANNOT_POST[place], response_type="ephemeral")
             return
         thread = str(root["ts"])
         message = Message(
@@ -333,7 +416,7 @@ class SlackAdapter:
             author_name=str(command.get("user_name", user)),
             text=question,
             message_id=thread,
-            is_direct=channel.startswith("D"),
+            is_direct=own_dm,
         )
         await self._inflight.track(
             self._stream(channel, thread, message, user, str(body.get("team_id") or ""))
@@ -341,12 +424,12 @@ class SlackAdapter:
 
     async def on_persona(self, ack: Any, command: dict[str, Any], respond: Any) -> None:
         await ack()
-        if not self._command_allowed(command):
+        if not self._command_allowed(command, await self._is_own_dm(command)):
             await respond(text=REFUSAL, response_type="ephemeral")
             return
-        parsed = personas.parse(str(command.get("text", "")))
+        parsed = personas.parse(command_text(command))
         if parsed is None:
-            await respond(text=personas.USAGE, response_type="ephemeral")
+            await respond(text=escape(personas.USAGE), response_type="ephemeral")
             return
         action, text = parsed
         if action != "show" and str(command.get("user_id")) not in self.settings.slack_admins:
@@ -356,24 +439,35 @@ class SlackAdapter:
             )
             return
         key = ConversationKey(PLATFORM, str(command.get("channel_id", "")))
-        answer = await personas.run(self.engine, key, action, text)
+        try:
+            answer = await personas.run(self.engine, key, action, text)
+        except Exception:
+            log.exception("/persona failed in channel %s", key.channel)
+            answer = COMMAND_FAILED
         await respond(text=escape(answer), response_type="ephemeral")
 
     async def on_reset(self, ack: Any, command: dict[str, Any], respond: Any) -> None:
         await ack()
         channel = str(command.get("channel_id", ""))
-        if not self._command_allowed(command):
+        own_dm = await self._is_own_dm(command)
+        if not self._command_allowed(command, own_dm):
             await respond(text=REFUSAL, response_type="ephemeral")
             return
-        if channel.startswith("D"):
-            await self.engine.reset(ConversationKey(PLATFORM, channel))
-            await respond(text="Done: I've forgotten our conversation.", response_type="ephemeral")
+        if own_dm:
+            try:
+                await self.engine.reset(ConversationKey(PLATFORM, channel))
+                answer = "Done: I've forgotten our conversation."
+            except Exception:
+                log.exception("/reset failed in channel %s", channel)
+                answer = COMMAND_FAILED
+        elif command_place(command) == "dm":
+            answer = CANNOT_POST["dm"]
         else:
-            await respond(
-                text="In channels each thread is its own conversation: start a new thread "
-                "to start afresh.",
-                response_type="ephemeral",
+            answer = (
+                "In channels each thread is its own conversation: start a new thread "
+                "to start afresh."
             )
+        await respond(text=answer, response_type="ephemeral")
 
     # --- running -------------------------------------------------------------------------
 

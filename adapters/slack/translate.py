@@ -29,6 +29,15 @@ HELP_TEXT = (
     "`/reset` in a DM forgets our conversation."
 )
 REFUSAL = "Sorry, I'm not available to you here."
+# /ask where the bot cannot post, by kind of place (Slack answers channel_not_found
+# or not_in_channel): a DM between other people can never take the bot.
+CANNOT_POST = {
+    "channel": "I can't post in this channel: invite me first (`/invite @chatbot`).",
+    "group_dm": "I can't post in this group DM: add me to it, or ask me in a channel or "
+    "in a DM with me.",
+    "dm": "I can only answer in my own DMs: message me directly (Apps > chatbot), or ask "
+    "in a channel I'm in.",
+}
 
 
 class Trigger(StrEnum):
@@ -40,23 +49,37 @@ class Trigger(StrEnum):
 
 @dataclass(frozen=True)
 class Rules:
+    """Who may use the bot where. Every entry point (mention, DM, thread follow-up,
+    assistant panel, slash commands) goes through `allows`."""
+
     thread_followups: bool = True
+    allow_dms: bool = True
     channels: frozenset[str] = frozenset()
     users: frozenset[str] = frozenset()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Rules:
+        allow_dms = settings.slack_allow_dms
+        if allow_dms is None:
+            # Unset: a channel allow-list also closes DMs (and the assistant panel,
+            # which is a DM), so restricting channels restricts the whole bot.
+            allow_dms = not settings.slack_allowed_channels
         return cls(
             thread_followups=settings.slack_thread_followups,
+            allow_dms=allow_dms,
             channels=settings.slack_allowed_channels,
             users=settings.slack_allowed_users,
         )
 
     def allows(self, *, user: str, channel: str, is_direct: bool) -> bool:
-        """Empty lists allow everyone; DMs need only the user list."""
+        """The user list (if set) and the place: a DM with the bot by `allow_dms`, any
+        other conversation (channel, private channel, group DM) by the channel list
+        (empty: all)."""
         if self.users and user not in self.users:
             return False
-        return is_direct or not self.channels or channel in self.channels
+        if is_direct:
+            return self.allow_dms
+        return not self.channels or channel in self.channels
 
 
 def is_person_writing(event: Mapping[str, Any], bot_user_id: str) -> bool:
@@ -78,7 +101,26 @@ def mentions(event: Mapping[str, Any], bot_user_id: str) -> bool:
 
 
 def is_direct(event: Mapping[str, Any]) -> bool:
-    return event.get("channel_type") == "im" or str(event.get("channel", "")).startswith("D")
+    """A DM with the bot. Slack delivers message events only from conversations the
+    bot is in, and marks a DM's as channel_type "im"; a `D…` id alone says nothing
+    (a DM between two people has one too), and a group DM is "mpim"."""
+    return event.get("channel_type") == "im"
+
+
+def command_place(command: Mapping[str, Any]) -> str:
+    """Where a slash command was typed: "dm" (a 1:1 DM, with the bot or between two
+    people), "group_dm" or "channel". Whether a "dm" is the bot's own takes a look-up."""
+    name = str(command.get("channel_name", ""))
+    if name == "directmessage":
+        return "dm"
+    if name.startswith("mpdm-"):
+        return "group_dm"
+    return "channel"
+
+
+def command_text(command: Mapping[str, Any]) -> str:
+    """A slash command's text as typed: Slack sends &, < and > HTML-escaped."""
+    return unescape(str(command.get("text", ""))).strip()
 
 
 def conversation_key(event: Mapping[str, Any]) -> ConversationKey:
