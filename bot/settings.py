@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 from pydantic import (
     BeforeValidator,
@@ -53,10 +53,17 @@ class Settings(BaseSettings):
 
     # The model: run here ("local") or on an OpenAI-compatible server ("openai")
     model_backend: Literal["local", "openai"] = "local"
-    openai_base_url: str | None = None  # e.g. http://localhost:8000/v1
+    # e.g. http://localhost:8000/v1; secret: it may carry a password or a key in its query
+    openai_base_url: SecretStr | None = None
     openai_model: str = ""
     openai_api_key: SecretStr | None = None
+    # The server's window (prompt + reply), in tokens counted approximately (bot.openai_backend)
+    openai_context_tokens: int = Field(default=4096, ge=256)
+    openai_connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Until the first token (queueing at the server and reading the prompt), then silence
+    # between chunks at most; none on a reply that keeps streaming.
     openai_timeout_seconds: float = Field(default=60.0, gt=0)
+    openai_stall_timeout_seconds: float = Field(default=30.0, gt=0)
     openai_max_retries: int = Field(default=2, ge=0, le=10)
     model: str = Field(
         default="",
@@ -110,6 +117,8 @@ class Settings(BaseSettings):
     slack_allowed_users: IdList = frozenset()
     # DMs with the bot and its assistant panel; unset: allowed unless SLACK_ALLOWED_CHANNELS is set
     slack_allow_dms: bool | None = None
+    # DMs with the bot and its assistant panel; unset: allowed unless SLACK_ALLOWED_CHANNELS is set
+    slack_allow_dms: bool | None = None
     slack_admins: IdList = frozenset()  # user ids that may set a channel's /persona
     slack_thread_followups: bool = True
     slack_assistant: bool = True
@@ -152,7 +161,8 @@ class Settings(BaseSettings):
     def _http_url(cls, value: object) -> object:
         if value in (None, ""):
             return None
-        if not str(value).startswith(("http://", "https://")):
+        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        if not text.startswith(("http://", "https://")):
             raise ValueError("expected an http:// or https:// URL, e.g. http://localhost:8000/v1")
         return value
 
@@ -229,9 +239,8 @@ class Settings(BaseSettings):
             for value in self.__dict__.values()
             if isinstance(value, SecretStr) and value.get_secret_value()
         ]
-        if self.redis_url:
-            password = urlsplit(self.redis_url.get_secret_value()).password
-            values += [password] if password else []
+        for url in (self.redis_url, self.openai_base_url):
+            values += url_secrets(url.get_secret_value()) if url else []
         return values
 
     def redis_url_masked(self) -> str | None:
@@ -239,17 +248,63 @@ class Settings(BaseSettings):
         return mask_url(self.redis_url.get_secret_value()) if self.redis_url else None
 
 
-def mask_url(url: str) -> str:
-    """Hide the password (and a lone username used as one) in a URL."""
+# Query parameters known to carry no secret (redis-py's connection options, Azure's
+# api-version); every other parameter's value is masked, since any may be a credential
+# (?password=, ?api_key=, ?token=, ?sig=, …).
+PLAIN_QUERY_PARAMS = frozenset(
+    {
+        "db",
+        "protocol",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "retry_on_timeout",
+        "health_check_interval",
+        "ssl_cert_reqs",
+        "ssl_check_hostname",
+        "decode_responses",
+        "client_name",
+        "max_connections",
+        "timeout",
+        "retry_on_error",
+        "ssl",
+        "encoding",
+        "api-version",
+    }
+)
+
+
+def _secret_query(name: str) -> bool:
+    return name.lower() not in PLAIN_QUERY_PARAMS
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secrets a URL carries: its password (or a lone username used as one) and
+    the values of its query parameters that may be credentials."""
     parts = urlsplit(url)
-    if parts.password is None and not parts.username:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = parts.username if parts.password is not None else ""
-    netloc = f"{user}:***@{host}" if user else f":***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    found = [parts.password or parts.username or ""]
+    found += [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if _secret_query(k)]
+    # Percent-encoded forms too: a library may print the URL as given.
+    found += [quote(s, safe="") for s in found]
+    return sorted({s for s in found if s})
+
+
+def mask_url(url: str) -> str:
+    """Hide the password (and a lone username used as one) and the value of every query
+    parameter that may be a credential in a URL."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None or parts.username:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        user = parts.username if parts.password is not None else ""
+        netloc = f"{user}:***@{host}" if user else f":***@{host}"
+    query = "&".join(
+        f"{k}=***" if _secret_query(k) else f"{k}={v}"
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 class ConfigError(Exception):
