@@ -117,8 +117,6 @@ class Settings(BaseSettings):
     slack_allowed_users: IdList = frozenset()
     # DMs with the bot and its assistant panel; unset: allowed unless SLACK_ALLOWED_CHANNELS is set
     slack_allow_dms: bool | None = None
-    # DMs with the bot and its assistant panel; unset: allowed unless SLACK_ALLOWED_CHANNELS is set
-    slack_allow_dms: bool | None = None
     slack_admins: IdList = frozenset()  # user ids that may set a channel's /persona
     slack_thread_followups: bool = True
     slack_assistant: bool = True
