@@ -179,7 +179,11 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
         for r in bots
         if r.get("loop_lag_p99_ms") is not None
     ]
-    lags += [(r["loop_lag_p99_ms"], f"open loop at {r['multiple']}x") for r in rates]
+    lags += [
+        (r["loop_lag_p99_ms"], f"open loop at {r['multiple']}x")
+        for r in rates
+        if r.get("loop_lag_p99_ms") is not None
+    ]
     for name in ("long_history", "head_of_line", "turns"):
         lag = (results.get(name) or {}).get("loop_lag_p99_ms")
         if lag is not None:

@@ -1,0 +1,156 @@
+"""`python -m bench`'s own code on the scripted model: its workloads run and end, its
+ratios are computed against the issue's targets, and without matplotlib it still
+writes its JSON and prints the ratios. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.__main__ import PLANS, parse_args, paste_message, write
+from bench.report import TARGETS, cpu_info, ratios
+from bench.workloads import (
+    Run,
+    Setup,
+    arrival_times,
+    closed_loop,
+    head_of_line,
+    long_history,
+    open_loop,
+    turn_by_turn,
+)
+from bot.memory import InProcessMemory, Memory
+from bot.settings import Settings
+from tests.scripted import ScriptedModel
+
+
+def scripted_setup() -> Setup:
+    settings = Settings(_env_file=None, temperature=0, max_new_tokens=8)  # type: ignore[call-arg]
+
+    def memory(max_turns: int) -> Memory:
+        return InProcessMemory(max_turns, 60)
+
+    return Setup(
+        ScriptedModel("A short scripted reply.", chunk=4),
+        settings,
+        memory,
+        lambda text: len(text.split()),
+        "scripted",
+        1,
+    )
+
+
+async def test_workloads_and_report_without_matplotlib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = scripted_setup()
+    chats = [[f"Hello {n}", f"And then {n}?"] for n in range(4)]
+    seed = Run("seed loop float32", 4, dtype="float32", threads=1, messages=8, tokens=80)
+    seed.wall_s, seed.latencies_s, seed.ttft_s = 4.0, [1.0, 2.0], [1.0, 2.0]
+    runs = [seed]
+    for level in (1, 4):
+        runs.append(await closed_loop(setup, chats[:level], 30, "this bot"))
+    assert runs[-1].messages == 8 and not runs[-1].cut_short
+    rates = [
+        {"multiple": m, **await open_loop(setup, ["Hi"], m * 40, 4, 0.2, 10, seed=3)}
+        for m in (0.5, 3)
+    ]
+    assert all(r["finished"] + r["unfinished"] == r["arrivals"] for r in rates)
+    results: dict[str, Any] = {
+        "machine": {**cpu_info(), "torch": "x", "torch_threads": 1, "dtype": "scripted"},
+        "runs": [r.summary() for r in runs],
+        "open_loop": {
+            "seed": 3,
+            "seed_capacity_msg_per_s": 2.0,
+            "seed_system": "s",
+            "rates": rates,
+        },
+        "long_history": await long_history(setup, "pasted " * 300, ["What?", "Why?"], 30),
+        "head_of_line": await head_of_line(setup, "long " * 500, "Short?", 0.01, 1, 30),
+        "turns": await turn_by_turn(setup, [f"turn {n}" for n in range(20)], 1, 60),
+        "single": {"engine_s": 1.0, "bare_s": 1.0, "dtype": "scripted", "threads": 1},
+        "llama_cpp": "not installed",
+    }
+    assert sorted(results["turns"]["at"]) == ["1", "10", "20", "5"]
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
+    printed: list[str] = []
+    path, missing = write(results, tmp_path, "test", printed.append)
+
+    assert missing is not None and "pip install -e '.[bench]'" in missing
+    assert not (tmp_path / "test.png").exists()
+    saved = json.loads(path.read_text())
+    assert [r["key"] for r in saved["ratios"]] == [t[0] for t in TARGETS]
+    by_key = {r["key"]: r for r in saved["ratios"]}
+    measured = (
+        "tokens_per_s_16_vs_seed",
+        "ttft_turn_20_vs_turn_1",
+        "head_of_line_vs_alone",
+        "ttft_after_paste_vs_fresh",
+        "open_loop_3x_ttft_p95_s",
+        "loop_lag_p99_ms",
+    )
+    for key in measured:
+        assert isinstance(by_key[key]["met"], bool), by_key[key]
+    assert by_key["tokens_per_s_16_vs_llama_cpp"]["met"] is None
+    assert by_key["startup_warm_cache_s"]["met"] is None  # not run here
+    text = "\n".join(printed)
+    assert "AVX512-BF16" in text and "capability" in text
+    assert "Targets" in text and "not measured" in text
+    assert "pip install -e '.[bench]'" in text
+
+
+def test_ratios_compare_with_the_faster_seed() -> None:
+    def run(system: str, concurrency: int, dtype: str, tps: float) -> dict[str, Any]:
+        return {"system": system, "concurrency": concurrency, "dtype": dtype, "threads": 2,
+                "tokens_per_s": tps, "latency_p95_s": 1.0, "loop_lag_p99_ms": 3.0}  # fmt: skip
+
+    results: dict[str, Any] = {
+        "runs": [
+            run("seed loop bfloat16", 16, "bfloat16", 10.0),
+            run("seed loop float32", 16, "float32", 20.0),
+            run("this bot", 16, "bfloat16", 160.0),
+            run("llama-cpp-python", 1, "Q4_1 gguf", 200.0),
+        ],
+        "turns": {"at": {"1": 0.2, "5": 0.2, "10": 0.3, "20": 0.4}, "dtype": "b", "threads": 2},
+        "open_loop": {"rates": [
+            {"multiple": 1, "ttft_p95_s": 9.0, "rate_per_s": 1, "arrivals": 3, "unfinished": 0},
+            {"multiple": 3, "ttft_p95_s": 1.5, "rate_per_s": 3, "arrivals": 9, "unfinished": 0,
+             "loop_lag_p99_ms": 12.0},
+        ]},
+        "startup": {"warm_start_s": 4.0, "runs": 3},
+    }  # fmt: skip
+    by_key = {r["key"]: r for r in ratios(results)}
+    assert by_key["tokens_per_s_16_vs_seed"]["value"] == 8.0  # against fp32, the faster
+    assert by_key["tokens_per_s_16_vs_seed"]["met"] is True
+    assert by_key["tokens_per_s_16_vs_llama_cpp"]["met"] is False
+    assert by_key["ttft_turn_20_vs_turn_1"]["value"] == 2.0
+    assert by_key["ttft_turn_20_vs_turn_1"]["met"] is False
+    assert by_key["open_loop_3x_ttft_p95_s"]["value"] == 1.5  # the highest rate
+    assert by_key["loop_lag_p99_ms"]["value"] == 12.0  # the worst workload
+    assert by_key["startup_warm_cache_s"]["met"] is True
+    assert by_key["head_of_line_vs_alone"]["met"] is None
+
+
+def test_arrivals_are_seeded_and_bounded() -> None:
+    slow = arrival_times(50, 1.0, 10.0, seed=5)
+    fast = arrival_times(50, 3.0, 10.0, seed=5)
+    assert slow == arrival_times(50, 1.0, 10.0, seed=5)
+    assert 2 <= len(slow) <= 50 and slow[-1] <= 10.0
+    assert fast[: len(slow)] == pytest.approx([t / 3 for t in slow][: len(fast)])
+    assert len(arrival_times(50, 0.001, 10.0, seed=5)) == 2  # too slow: two, in the window
+    assert len(arrival_times(4, 1000.0, 10.0, seed=5)) == 4
+
+
+def test_plans_and_paste() -> None:
+    assert PLANS["full"].paste_chars == PLANS["quick"].paste_chars == 12_000
+    assert PLANS["full"].turn_count == 20 and 3 in PLANS["full"].open_multiples
+    data = json.loads((Path(__file__).parent.parent / "bench" / "conversations.json").read_text())
+    assert len(paste_message(data, 12_000)) == 12_000
+    assert parse_args(["--quick", "--only", "turns,head-of-line"]).only == ["turns", "head-of-line"]
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "nonsense"])
