@@ -340,7 +340,8 @@ def chart(results: dict[str, Any], path: Path) -> str | None:
         rows = sorted((r for r in runs if r["system"] == system), key=lambda r: r["concurrency"])
         xs = [r["concurrency"] for r in rows]
         style = "o-" if len(rows) > 1 else "s"
-        label = f"{system} ({rows[0]['dtype']})"
+        dtype = rows[0]["dtype"]
+        label = system if dtype in system else f"{system} ({dtype})"
         left.plot(xs, [r["tokens_per_s"] for r in rows], style, label=label)
         middle.plot(xs, [r["latency_p95_s"] for r in rows], style, label=label)
     for axis, title in ((left, "aggregate tokens/s"), (middle, "p95 reply latency (s)")):
