@@ -147,6 +147,17 @@ async def timed(
     )
 
 
+async def answered(
+    engine: Engine, key: ConversationKey, text: str, since: float | None = None
+) -> Timed:
+    """`timed`, for workloads that never overload the engine: a failed reply (an
+    apology comes at once) would pass for a fast one, so it stops the bench."""
+    result = await timed(engine, key, text, since)
+    if not result.ok:
+        raise RuntimeError(f"the engine did not answer {text[:40]!r}: {result.text[:200]!r}")
+    return result
+
+
 # --- measuring -------------------------------------------------------------------------
 
 
@@ -201,11 +212,14 @@ async def finish(tasks: list[asyncio.Task[Any]], within_s: float) -> int:
     """Wait for `tasks` up to `within_s` seconds; cancel the rest. Returns how many were cut."""
     if not tasks:
         return 0
-    _done, pending = await asyncio.wait(tasks, timeout=max(0.0, within_s))
+    done, pending = await asyncio.wait(tasks, timeout=max(0.0, within_s))
     for task in pending:
         task.cancel()
     if pending:
         await asyncio.wait(pending, timeout=30)  # let the engine free their rows
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a message failed in the bench", exc_info=task.exception())
     return len(pending)
 
 
@@ -351,10 +365,9 @@ async def closed_loop(setup: Setup, chats: list[list[str]], budget_s: float, lab
     async def converse(turns: list[str]) -> None:
         key = new_key(f"closed{len(chats)}")
         for text in turns:
-            result = await timed(engine, key, text)
+            result = await answered(engine, key, text)
             run.latencies_s.append(result.total_s)
             run.ttft_s.append(result.ttft_s or result.total_s)
-            assert result.ok, result.text
             run.tokens += setup.count_tokens(result.text)
             run.messages += 1
 
@@ -402,7 +415,8 @@ async def open_loop(
     """Messages from new conversations arriving at random (Poisson) at `rate` per
     second, whether or not earlier replies are done. Time to first token counts from
     each message's arrival. Replies still running `drain_s` after the last arrival are
-    stopped; their time to first token counts as the time waited (a lower bound)."""
+    stopped; their time to first token counts as the time waited (a lower bound).
+    Messages the engine refuses (busy) are counted apart, not as fast replies."""
     engine = setup.engine()
     schedule = arrival_times(count, rate, window_s, seed)
     ttfts: list[float] = []
@@ -410,6 +424,7 @@ async def open_loop(
     tokens = 0
     ends: list[float] = []
     waited: dict[int, float] = {}
+    refused: list[int] = []
     started = time.perf_counter()
 
     async def arrive(number: int, at: float) -> None:
@@ -418,11 +433,14 @@ async def open_loop(
         since = started + at
         waited[number] = since
         result = await timed(engine, new_key("open"), texts[number % len(texts)], since)
+        waited.pop(number)
+        if not result.ok:  # "busy" (or a failure) comes at once: not a fast reply
+            refused.append(number)
+            return
         ttfts.append(result.ttft_s or result.total_s)
         latencies.append(result.total_s)
         tokens += setup.count_tokens(result.text)
         ends.append(time.perf_counter())
-        waited.pop(number)
 
     out: dict[str, Any] = {}
     async with probed(out):
@@ -439,6 +457,7 @@ async def open_loop(
         arrival_span_s=round(schedule[-1], 2),
         finished=len(ttfts),
         unfinished=unfinished,
+        refused=len(refused),
         ttft_p50_s=round(percentile(ttfts + cut, 50), 3),
         ttft_p95_s=round(percentile(ttfts + cut, 95), 3),
         latency_p95_s=round(percentile(latencies + cut, 95), 2),
@@ -462,7 +481,7 @@ async def long_history(
     fresh: list[float] = []
     started = time.perf_counter()
     async with probed(out):
-        first = await timed(engine, key, paste)
+        first = await answered(engine, key, paste)
         out.update(
             paste_first_chunk_s=round(first.ttft_s or first.total_s, 3),
             paste_reply_s=round(first.total_s, 2),
@@ -472,9 +491,9 @@ async def long_history(
             if time.perf_counter() - started > budget_s:
                 out["cut_short"] = True
                 break
-            result = await timed(engine, key, question)
+            result = await answered(engine, key, question)
             after.append(result.ttft_s or result.total_s)
-            result = await timed(engine, new_key("fresh"), question)
+            result = await answered(engine, new_key("fresh"), question)
             fresh.append(result.ttft_s or result.total_s)
     await engine.close()
     out.update(
@@ -502,11 +521,11 @@ async def head_of_line(
             if alone and time.perf_counter() - started > budget_s:
                 out["cut_short"] = True
                 break
-            result = await timed(engine, new_key("alone"), question)
+            result = await answered(engine, new_key("alone"), question)
             alone.append(result.ttft_s or result.total_s)
             long_task = asyncio.create_task(timed(engine, new_key("long"), long_text))
             await asyncio.sleep(delay_s)
-            result = await timed(engine, new_key("behind"), question)
+            result = await answered(engine, new_key("behind"), question)
             behind.append(result.ttft_s or result.total_s)
             long_result = await long_task
             long_first.append(long_result.ttft_s or long_result.total_s)
@@ -541,7 +560,7 @@ async def turn_by_turn(
                 if time.perf_counter() - started > budget_s:
                     out["cut_short"] = True
                     break
-                result = await timed(engine, key, text)
+                result = await answered(engine, key, text)
                 firsts.append(result.ttft_s or result.total_s)
             runs.append(firsts)
     await engine.close()
@@ -584,7 +603,7 @@ async def single_vs_bare(
         with torch.inference_mode():
             loaded.model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **kwargs)
         bare.append(time.perf_counter() - begin)
-        result = await timed(engine, new_key("single"), text)
+        result = await answered(engine, new_key("single"), text)
         through_engine.append(result.total_s)
     await engine.close()
     return statistics.median(through_engine), statistics.median(bare)

@@ -59,7 +59,7 @@ async def test_workloads_and_report_without_matplotlib(
         {"multiple": m, **await open_loop(setup, ["Hi"], m * 40, 4, 0.2, 10, seed=3)}
         for m in (0.5, 3)
     ]
-    assert all(r["finished"] + r["unfinished"] == r["arrivals"] for r in rates)
+    assert all(r["finished"] + r["unfinished"] + r["refused"] == r["arrivals"] for r in rates)
     results: dict[str, Any] = {
         "machine": {**cpu_info(), "torch": "x", "torch_threads": 1, "dtype": "scripted"},
         "runs": [r.summary() for r in runs],
@@ -154,3 +154,10 @@ def test_plans_and_paste() -> None:
     assert parse_args(["--quick", "--only", "turns,head-of-line"]).only == ["turns", "head-of-line"]
     with pytest.raises(SystemExit):
         parse_args(["--only", "nonsense"])
+
+
+async def test_a_failed_reply_stops_a_workload_rather_than_pass_for_a_fast_one() -> None:
+    setup = scripted_setup()
+    setup.runner = ScriptedModel(fail_on="boom")
+    with pytest.raises(RuntimeError, match="did not answer"):
+        await turn_by_turn(setup, ["hello", "boom"], 1, 30)
