@@ -359,31 +359,33 @@ async def closed_loop(setup: Setup, chats: list[list[str]], budget_s: float, lab
     """`len(chats)` conversations at once, each sending its next message when the
     previous reply is complete, as an adapter would."""
     engine = setup.engine()
-    run = Run(label, len(chats), **setup.tags())
-    run.planned = sum(len(turns) for turns in chats)
+    try:
+        run = Run(label, len(chats), **setup.tags())
+        run.planned = sum(len(turns) for turns in chats)
 
-    async def converse(turns: list[str]) -> None:
-        key = new_key(f"closed{len(chats)}")
-        for text in turns:
-            result = await answered(engine, key, text)
-            run.latencies_s.append(result.total_s)
-            run.ttft_s.append(result.ttft_s or result.total_s)
-            run.tokens += setup.count_tokens(result.text)
-            run.messages += 1
+        async def converse(turns: list[str]) -> None:
+            key = new_key(f"closed{len(chats)}")
+            for text in turns:
+                result = await answered(engine, key, text)
+                run.latencies_s.append(result.total_s)
+                run.ttft_s.append(result.ttft_s or result.total_s)
+                run.tokens += setup.count_tokens(result.text)
+                run.messages += 1
 
-    lag: dict[str, Any] = {}
-    with peak_rss(run):
-        async with probed(lag):
-            started = time.perf_counter()
-            tasks = [asyncio.create_task(converse(turns)) for turns in chats]
-            run.cut_short = await finish(tasks, budget_s) > 0
-            run.wall_s = time.perf_counter() - started
-    for task in tasks:
-        error = task.exception() if task.done() and not task.cancelled() else None
-        if error is not None:
-            raise error  # a failed reply is a bench failure, not a figure
-    run.loop_lag_p99_ms = lag["loop_lag_p99_ms"]
-    await engine.close()
+        lag: dict[str, Any] = {}
+        with peak_rss(run):
+            async with probed(lag):
+                started = time.perf_counter()
+                tasks = [asyncio.create_task(converse(turns)) for turns in chats]
+                run.cut_short = await finish(tasks, budget_s) > 0
+                run.wall_s = time.perf_counter() - started
+        for task in tasks:
+            error = task.exception() if task.done() and not task.cancelled() else None
+            if error is not None:
+                raise error  # a failed reply is a bench failure, not a figure
+        run.loop_lag_p99_ms = lag["loop_lag_p99_ms"]
+    finally:
+        await engine.close()
     return run
 
 
@@ -418,38 +420,40 @@ async def open_loop(
     stopped; their time to first token counts as the time waited (a lower bound).
     Messages the engine refuses (busy) are counted apart, not as fast replies."""
     engine = setup.engine()
-    schedule = arrival_times(count, rate, window_s, seed)
-    ttfts: list[float] = []
-    latencies: list[float] = []
-    tokens = 0
-    ends: list[float] = []
-    waited: dict[int, float] = {}
-    refused: list[int] = []
-    started = time.perf_counter()
+    try:
+        schedule = arrival_times(count, rate, window_s, seed)
+        ttfts: list[float] = []
+        latencies: list[float] = []
+        tokens = 0
+        ends: list[float] = []
+        waited: dict[int, float] = {}
+        refused: list[int] = []
+        started = time.perf_counter()
 
-    async def arrive(number: int, at: float) -> None:
-        nonlocal tokens
-        await asyncio.sleep(max(0.0, started + at - time.perf_counter()))
-        since = started + at
-        waited[number] = since
-        result = await timed(engine, new_key("open"), texts[number % len(texts)], since)
-        waited.pop(number)
-        if not result.ok:  # "busy" (or a failure) comes at once: not a fast reply
-            refused.append(number)
-            return
-        ttfts.append(result.ttft_s or result.total_s)
-        latencies.append(result.total_s)
-        tokens += setup.count_tokens(result.text)
-        ends.append(time.perf_counter())
+        async def arrive(number: int, at: float) -> None:
+            nonlocal tokens
+            await asyncio.sleep(max(0.0, started + at - time.perf_counter()))
+            since = started + at
+            waited[number] = since
+            result = await timed(engine, new_key("open"), texts[number % len(texts)], since)
+            waited.pop(number)
+            if not result.ok:  # "busy" (or a failure) comes at once: not a fast reply
+                refused.append(number)
+                return
+            ttfts.append(result.ttft_s or result.total_s)
+            latencies.append(result.total_s)
+            tokens += setup.count_tokens(result.text)
+            ends.append(time.perf_counter())
 
-    out: dict[str, Any] = {}
-    async with probed(out):
-        tasks = [asyncio.create_task(arrive(n, at)) for n, at in enumerate(schedule)]
-        unfinished = await finish(tasks, schedule[-1] + drain_s)
-        deadline = time.perf_counter()
-    # Cut replies count with the time they had waited: dropping them would flatter p95.
-    cut = [deadline - since for since in waited.values()]
-    await engine.close()
+        out: dict[str, Any] = {}
+        async with probed(out):
+            tasks = [asyncio.create_task(arrive(n, at)) for n, at in enumerate(schedule)]
+            unfinished = await finish(tasks, schedule[-1] + drain_s)
+            deadline = time.perf_counter()
+        # Cut replies count with the time they had waited: dropping them would flatter p95.
+        cut = [deadline - since for since in waited.values()]
+    finally:
+        await engine.close()
     span = (max(ends) if ends else deadline) - started - schedule[0]
     out.update(
         rate_per_s=round(rate, 4),
@@ -475,27 +479,29 @@ async def long_history(
     engine, as a real turn), then short questions; each question is also asked in a
     fresh conversation, alternately, so that drift touches both alike."""
     engine = setup.engine(max_turns=2 * len(questions) + 2)
-    key = new_key("paste")
-    out: dict[str, Any] = {"paste_chars": len(paste), **setup.tags()}
-    after: list[float] = []
-    fresh: list[float] = []
-    started = time.perf_counter()
-    async with probed(out):
-        first = await answered(engine, key, paste)
-        out.update(
-            paste_first_chunk_s=round(first.ttft_s or first.total_s, 3),
-            paste_reply_s=round(first.total_s, 2),
-            paste_truncated=first.truncated_input,
-        )
-        for question in questions:
-            if time.perf_counter() - started > budget_s:
-                out["cut_short"] = True
-                break
-            result = await answered(engine, key, question)
-            after.append(result.ttft_s or result.total_s)
-            result = await answered(engine, new_key("fresh"), question)
-            fresh.append(result.ttft_s or result.total_s)
-    await engine.close()
+    try:
+        key = new_key("paste")
+        out: dict[str, Any] = {"paste_chars": len(paste), **setup.tags()}
+        after: list[float] = []
+        fresh: list[float] = []
+        started = time.perf_counter()
+        async with probed(out):
+            first = await answered(engine, key, paste)
+            out.update(
+                paste_first_chunk_s=round(first.ttft_s or first.total_s, 3),
+                paste_reply_s=round(first.total_s, 2),
+                paste_truncated=first.truncated_input,
+            )
+            for question in questions:
+                if time.perf_counter() - started > budget_s:
+                    out["cut_short"] = True
+                    break
+                result = await answered(engine, key, question)
+                after.append(result.ttft_s or result.total_s)
+                result = await answered(engine, new_key("fresh"), question)
+                fresh.append(result.ttft_s or result.total_s)
+    finally:
+        await engine.close()
     out.update(
         after_paste_ttft_s=[round(t, 3) for t in after],
         fresh_ttft_s=[round(t, 3) for t in fresh],
@@ -511,25 +517,27 @@ async def head_of_line(
     """A one-line question arriving `delay_s` after another conversation's long
     message, against the same question alone (alternately, `reps` times each)."""
     engine = setup.engine()
-    alone: list[float] = []
-    behind: list[float] = []
-    long_first: list[float] = []
-    out: dict[str, Any] = {"long_chars": len(long_text), "delay_s": delay_s, **setup.tags()}
-    started = time.perf_counter()
-    async with probed(out):
-        for _ in range(reps):
-            if alone and time.perf_counter() - started > budget_s:
-                out["cut_short"] = True
-                break
-            result = await answered(engine, new_key("alone"), question)
-            alone.append(result.ttft_s or result.total_s)
-            long_task = asyncio.create_task(timed(engine, new_key("long"), long_text))
-            await asyncio.sleep(delay_s)
-            result = await answered(engine, new_key("behind"), question)
-            behind.append(result.ttft_s or result.total_s)
-            long_result = await long_task
-            long_first.append(long_result.ttft_s or long_result.total_s)
-    await engine.close()
+    try:
+        alone: list[float] = []
+        behind: list[float] = []
+        long_first: list[float] = []
+        out: dict[str, Any] = {"long_chars": len(long_text), "delay_s": delay_s, **setup.tags()}
+        started = time.perf_counter()
+        async with probed(out):
+            for _ in range(reps):
+                if alone and time.perf_counter() - started > budget_s:
+                    out["cut_short"] = True
+                    break
+                result = await answered(engine, new_key("alone"), question)
+                alone.append(result.ttft_s or result.total_s)
+                long_task = asyncio.create_task(timed(engine, new_key("long"), long_text))
+                await asyncio.sleep(delay_s)
+                result = await answered(engine, new_key("behind"), question)
+                behind.append(result.ttft_s or result.total_s)
+                long_result = await long_task
+                long_first.append(long_result.ttft_s or long_result.total_s)
+    finally:
+        await engine.close()
     out.update(
         alone_ttft_s=[round(t, 3) for t in alone],
         behind_long_ttft_s=[round(t, 3) for t in behind],
@@ -547,23 +555,25 @@ async def turn_by_turn(
     """Time to first token at each turn of one conversation that keeps its whole
     history; with several repetitions, the fastest at each turn (noise only adds)."""
     engine = setup.engine(max_turns=2 * len(turns))
-    runs: list[list[float]] = []
-    out: dict[str, Any] = {**setup.tags()}
-    started = time.perf_counter()
-    async with probed(out):
-        for _ in range(reps):
-            if runs and time.perf_counter() - started > budget_s:
-                break
-            key = new_key("turns")
-            firsts: list[float] = []
-            for text in turns:
-                if time.perf_counter() - started > budget_s:
-                    out["cut_short"] = True
+    try:
+        runs: list[list[float]] = []
+        out: dict[str, Any] = {**setup.tags()}
+        started = time.perf_counter()
+        async with probed(out):
+            for _ in range(reps):
+                if runs and time.perf_counter() - started > budget_s:
                     break
-                result = await answered(engine, key, text)
-                firsts.append(result.ttft_s or result.total_s)
-            runs.append(firsts)
-    await engine.close()
+                key = new_key("turns")
+                firsts: list[float] = []
+                for text in turns:
+                    if time.perf_counter() - started > budget_s:
+                        out["cut_short"] = True
+                        break
+                    result = await answered(engine, key, text)
+                    firsts.append(result.ttft_s or result.total_s)
+                runs.append(firsts)
+    finally:
+        await engine.close()
     reached = min(len(r) for r in runs) if runs else 0
     by_turn = [min(r[n] for r in runs) for n in range(reached)]
     out.update(
@@ -583,29 +593,31 @@ async def single_vs_bare(
     import torch
 
     engine = setup.engine()
-    tokenizer = loaded.tokenizer
-    chat = [
-        {"role": "system", "content": setup.settings.system_prompt},
-        {"role": "user", "content": text},
-    ]
-    inputs = tokenizer.apply_chat_template(
-        chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    inputs = {name: value.to(loaded.model.device) for name, value in inputs.items()}
-    kwargs = greedy_kwargs(setup.settings)
-    bare: list[float] = []
-    through_engine: list[float] = []
-    started = time.perf_counter()
-    for _ in range(repeats):
-        if bare and time.perf_counter() - started > budget_s:
-            break
-        begin = time.perf_counter()
-        with torch.inference_mode():
-            loaded.model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **kwargs)
-        bare.append(time.perf_counter() - begin)
-        result = await answered(engine, new_key("single"), text)
-        through_engine.append(result.total_s)
-    await engine.close()
+    try:
+        tokenizer = loaded.tokenizer
+        chat = [
+            {"role": "system", "content": setup.settings.system_prompt},
+            {"role": "user", "content": text},
+        ]
+        inputs = tokenizer.apply_chat_template(
+            chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        inputs = {name: value.to(loaded.model.device) for name, value in inputs.items()}
+        kwargs = greedy_kwargs(setup.settings)
+        bare: list[float] = []
+        through_engine: list[float] = []
+        started = time.perf_counter()
+        for _ in range(repeats):
+            if bare and time.perf_counter() - started > budget_s:
+                break
+            begin = time.perf_counter()
+            with torch.inference_mode():
+                loaded.model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **kwargs)
+            bare.append(time.perf_counter() - begin)
+            result = await answered(engine, new_key("single"), text)
+            through_engine.append(result.total_s)
+    finally:
+        await engine.close()
     return statistics.median(through_engine), statistics.median(bare)
 
 
