@@ -2,97 +2,389 @@
 server, `transformers serve`): MODEL_BACKEND=openai.
 
 The conversation goes to the server's `/v1/chat/completions`, streamed as server-sent
-events, with a timeout and bounded retries; the server does its own batching. The
-rest of the bot (memory, adapters, streaming to users) is unchanged.
+events; the server does its own batching. The rest of the bot (memory, adapters,
+streaming to users) is unchanged.
+
+What each failure means:
+
+- The prompt is fitted to OPENAI_CONTEXT_TOKENS before it is sent: the oldest whole
+  exchanges go first, as on the local path. Tokens are counted approximately, by
+  characters (the served model's tokenizer is not here): CHARS_PER_TOKEN is on the
+  safe side for English. A server that still says the prompt is too long (400, 413 or
+  422 naming the context or length) gets a shorter prompt once; what it says about its
+  window and the prompt's real size is kept for the next prompts, so one message
+  teaches the estimate instead of breaking the conversation for good.
+- Other 4xx: the request itself is wrong (a bad key, an unknown model); sending it
+  again cannot help. Not retried; the server's words go to the log.
+- Unreachable, 5xx, 429 and 408: retried (OPENAI_MAX_RETRIES, backoff) before any text
+  went out; one log line per outage.
+- Limits: OPENAI_CONNECT_TIMEOUT_SECONDS to connect, OPENAI_TIMEOUT_SECONDS for the first
+  token (queueing and reading the prompt), OPENAI_STALL_TIMEOUT_SECONDS of silence
+  between chunks; none on a reply that keeps streaming. A server that has not started
+  a reply in time is busy or stuck: the request is not sent again (it would wait behind
+  itself in the same queue), the user gets the apology.
+- An error event (`data: {"error": …}`), a 200 that is not an event stream (a proxy's
+  page) and a stream that ends without a finish reason are failures, never replies.
+
+Every failure raises ServerError: the engine then apologises and stores nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
-from collections.abc import AsyncIterator
+import math
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from bot.engine import Backend
+from bot.logs import redact
 from bot.messages import Turn
 from bot.prompt import Prompt
 from bot.settings import Settings, mask_url
 
 log = logging.getLogger(__name__)
 
-# The server counts tokens; the bot only keeps a message below this many characters
-# (about 8,000 tokens of English), saying so when it cuts.
+# Characters per token when counting approximately: BPE tokenizers give ~4 for English
+# prose, less for code and other scripts; 3 leaves room, and the server's own count
+# corrects it (OpenAIBackend._learn).
+CHARS_PER_TOKEN = 3.0
+# A turn's role markers in a chat template, and the generation prompt after the last.
+TOKENS_PER_MESSAGE = 8
+# The user's message is kept below this many characters whatever the window.
 MAX_MESSAGE_CHARS = 32_000
+# What the user should be told when even a trimmed prompt is too long.
+CONTEXT_FULL = (
+    "This conversation no longer fits in the model's memory, even without its oldest "
+    "messages. Send a shorter message, or use /reset to start a new conversation."
+)
+# What a server's context-length error says (vLLM and OpenAI 400, llama.cpp 400,
+# TGI 422, a proxy's 413).
+_CONTEXT_WORDS = re.compile(
+    r"context|length|too long|too large|maximum|exceed|must be <=|must have less than",
+    re.IGNORECASE,
+)
+# Real tokens per estimated token at most: a server's numbers past it are not believed.
+MAX_SCALE = 8.0
+_WINDOW = re.compile(
+    r"maximum context length is (\d+)|must be <= (\d+)|\"n_ctx\"\s*:\s*(\d+)", re.IGNORECASE
+)
+_PROMPT_TOKENS = re.compile(
+    r"\((\d+) in the messages|request has (\d+) input tokens|messages resulted in (\d+) tokens"
+    r"|Given: (\d+) `inputs` tokens|\"n_prompt_tokens\"\s*:\s*(\d+)",
+    re.IGNORECASE,
+)
 
 
 class ServerError(RuntimeError):
-    """The inference server could not be reached or answered with an error."""
+    """The inference server could not be reached or answered with an error.
+
+    `retriable`: sending the same request again may help (unreachable, 5xx).
+    `user_message`: what the user should be told instead of the generic apology.
+    """
+
+    retriable = False
+    user_message: str | None = None
+
+
+class Unavailable(ServerError):
+    """Unreachable, or an error on the server's side (5xx, 429, 408)."""
+
+    retriable = True
+
+
+class ContextTooLong(ServerError):
+    """The server refused the prompt as longer than its window."""
+
+    user_message = CONTEXT_FULL
+
+    def __init__(self, message: str, body: str) -> None:
+        super().__init__(message)
+        self.body = body
+
+
+@dataclass(frozen=True)
+class Fitted:
+    messages: list[dict[str, str]]
+    user_text: str
+    kept_turns: int
+
+
+def estimate_tokens(messages: Sequence[dict[str, str]], scale: float = 1.0) -> int:
+    """An approximate token count of a chat request (see CHARS_PER_TOKEN)."""
+    chars = sum(len(m["content"]) for m in messages)
+    return math.ceil(chars * scale / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * (len(messages) + 1)
+
+
+def exchanges(history: Sequence[Turn]) -> list[tuple[Turn, Turn]]:
+    """The history as whole exchanges (a message and its reply), oldest first: a server
+    gets strictly alternating turns that start with a user turn whatever was stored
+    (an odd cap, a reply whose message was trimmed, two messages in a row)."""
+    pairs = []
+    for earlier, later in itertools.pairwise(history):
+        if earlier.role == "user" and later.role == "assistant":
+            pairs.append((earlier, later))
+    return pairs
+
+
+def fit(
+    system: str, history: Sequence[Turn], user_text: str, budget: int, scale: float = 1.0
+) -> Fitted:
+    """The system prompt, the most recent whole exchanges and the user's message, within
+    `budget` tokens; when the message alone is over budget, its end is cut."""
+    head = [{"role": "system", "content": system}] if system else []
+    user = {"role": "user", "content": user_text}
+    kept: list[dict[str, str]] = []
+    used = estimate_tokens([*head, user], scale)
+    pairs = exchanges(history)
+    for asked, answered in reversed(pairs):
+        pair = [
+            {"role": "user", "content": asked.content},
+            {"role": "assistant", "content": answered.content},
+        ]
+        cost = estimate_tokens(pair, scale) - TOKENS_PER_MESSAGE  # no second end marker
+        if used + cost > budget:
+            break
+        kept[:0] = pair
+        used += cost
+    if used > budget:  # the message alone is too long: keep its start
+        room = budget - estimate_tokens([*head, {"role": "user", "content": ""}], scale)
+        user_text = user_text[: max(int(room * CHARS_PER_TOKEN / scale), 0)]
+        user = {"role": "user", "content": user_text}
+    return Fitted([*head, *kept, user], user_text, len(kept))
 
 
 class OpenAIBackend(Backend):
     def __init__(self, settings: Settings) -> None:
         assert settings.openai_base_url, "OPENAI_BASE_URL"
-        self.url = settings.openai_base_url.rstrip("/") + "/chat/completions"
+        base = settings.openai_base_url.get_secret_value()
+        self.url = base.rstrip("/") + "/chat/completions"
         self.masked_url = mask_url(self.url)
         self.model = settings.openai_model
         self.system_prompt = settings.system_prompt
         self.retries = settings.openai_max_retries
+        self.window = settings.openai_context_tokens
+        self.max_tokens = settings.max_new_tokens
+        # Real tokens per estimated token, learned from the server's errors (never below 1).
+        self.scale = 1.0
+        self.first_token_timeout = settings.openai_timeout_seconds
+        self.stall_timeout = settings.openai_stall_timeout_seconds
+        # No total: a reply that keeps streaming is never cut. `connect` includes the
+        # wait for a pooled connection; the pool is unbounded (MAX_QUEUE bounds it).
         self.timeout = aiohttp.ClientTimeout(
-            total=settings.openai_timeout_seconds,
-            sock_connect=min(10.0, settings.openai_timeout_seconds),
+            total=None,
+            connect=settings.openai_connect_timeout_seconds,
+            sock_connect=settings.openai_connect_timeout_seconds,
         )
+        self.secrets = settings.secret_values()
         key = settings.openai_api_key
         self.headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
         self.body: dict[str, Any] = {
             "model": settings.openai_model,
             "stream": True,
-            "max_tokens": settings.max_new_tokens,
             "temperature": settings.temperature,
             "top_p": settings.top_p,
         }
         self._session: aiohttp.ClientSession | None = None
         self._down = False
 
+    def _budget(self) -> tuple[int, int]:
+        """Tokens for the prompt, and for the reply (never more than half the window)."""
+        reply = min(self.max_tokens, self.window // 2)
+        return self.window - reply, reply
+
     async def prepare(
         self, history: list[Turn], user_text: str, system_prompt: str | None = None
     ) -> Prompt:
         cut = user_text[:MAX_MESSAGE_CHARS]
         system = self.system_prompt if system_prompt is None else system_prompt
-        messages = [{"role": "system", "content": system}] if system else []
-        messages += [{"role": t.role, "content": t.content} for t in history]
-        messages.append({"role": "user", "content": cut})
-        return Prompt([], cut, len(history), cut != user_text, len(user_text), tuple(messages))
+        fitted = fit(system, history, cut, self._budget()[0], self.scale)
+        return Prompt(
+            [],
+            fitted.user_text,
+            fitted.kept_turns,
+            fitted.user_text != user_text,
+            len(user_text),
+            tuple(fitted.messages),
+        )
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self.timeout, headers=self.headers)
+            self._session = aiohttp.ClientSession(
+                timeout=self.timeout,
+                headers=self.headers,
+                connector=aiohttp.TCPConnector(limit=0),
+            )
         return self._session
 
+    def _scrub(self, text: str) -> str:
+        return redact(text.replace(self.url, self.masked_url), self.secrets)
+
     async def stream(self, prompt: Prompt) -> AsyncIterator[str]:
-        body = {**self.body, "messages": list(prompt.messages)}
-        for attempt in range(self.retries + 1):
+        messages = list(prompt.messages)
+        attempt = 0
+        trimmed = False
+        while True:
             sent_any = False
             try:
-                async with self._client().post(self.url, json=body) as response:
-                    if response.status >= 500 or response.status == 429:
-                        raise ServerError(f"HTTP {response.status}")
-                    if response.status >= 400:
-                        detail = (await response.text())[:200]
-                        raise ServerError(f"HTTP {response.status}: {detail}")
-                    async for text in _events(response):
-                        sent_any = True
-                        yield text
+                async for text in self._request(messages):
+                    sent_any = True
+                    yield text
                 self._up()
                 return
-            except (aiohttp.ClientError, TimeoutError, ServerError) as exc:
+            except ContextTooLong as exc:
+                shorter = None if trimmed or sent_any else self._shorter(messages, exc.body)
+                if shorter is None:
+                    self._refused(exc)
+                    raise
+                log.info(
+                    "The inference server found the prompt too long; trying once more with "
+                    "%d of %d messages",
+                    len(shorter),
+                    len(messages),
+                )
+                messages, trimmed = shorter, True
+            except ServerError as exc:
                 # Retry only before any text went out: a user never sees a reply twice.
-                if sent_any or attempt == self.retries:
-                    self._failed(exc)
-                    raise ServerError(f"inference server at {self.masked_url}: {exc!r}") from exc
-                await asyncio.sleep(0.5 * 2**attempt)
+                if not exc.retriable or sent_any or attempt >= self.retries:
+                    self._failed(exc) if exc.retriable else self._refused(exc)
+                    raise
+                attempt += 1
+                await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+
+    def _shorter(self, messages: list[dict[str, str]], body: str) -> list[dict[str, str]] | None:
+        """A shorter prompt after the server refused `messages` as too long, fitted to what
+        the server said (kept for later prompts) or else to half its estimated size."""
+        self._learn(messages, body)
+        budget, _ = self._budget()
+        size = estimate_tokens(messages, self.scale)
+        if size <= budget:  # nothing learned: halve the prompt
+            budget = size // 2
+        system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+        turns = [
+            Turn("user" if m["role"] == "user" else "assistant", m["content"])
+            for m in messages
+            if m["role"] != "system"
+        ]
+        fitted = fit(system, turns[:-1], turns[-1].content, budget, self.scale)
+        if estimate_tokens(fitted.messages, self.scale) >= size or not fitted.user_text:
+            return None
+        return fitted.messages
+
+    def _learn(self, messages: list[dict[str, str]], body: str) -> None:
+        window = _first_number(_WINDOW, body)
+        if window and window > 2 * TOKENS_PER_MESSAGE:
+            self.window = min(self.window, window)
+        counted = _first_number(_PROMPT_TOKENS, body)
+        estimated = estimate_tokens(messages, 1.0)
+        if counted and estimated:
+            self.scale = min(max(self.scale, counted / estimated), MAX_SCALE)
+
+    async def _request(self, messages: list[dict[str, str]]) -> AsyncIterator[str]:
+        """One request, streamed; raises ServerError for each way it can fail."""
+        _, reply_tokens = self._budget()
+        body = {**self.body, "max_tokens": reply_tokens, "messages": messages}
+        loop = asyncio.get_running_loop()
+        first_token_by = loop.time() + self.first_token_timeout
+        try:
+            response = await asyncio.wait_for(
+                self._client().post(self.url, json=body), self.first_token_timeout
+            )
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise Unavailable(f"no connection within the limit ({exc!r})") from exc
+        except TimeoutError as exc:
+            raise ServerError(
+                f"no answer within OPENAI_TIMEOUT_SECONDS ({self.first_token_timeout:g} s)"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise Unavailable(self._scrub(repr(exc))) from exc
+        try:
+            await self._check_status(response)
+            async for text in self._events(response, first_token_by):
+                yield text
+        finally:
+            # Back to the pool after a whole body; a stream left unread closes its
+            # connection, which tells the server to stop generating.
+            response.release()
+
+    async def _check_status(self, response: aiohttp.ClientResponse) -> None:
+        status = response.status
+        if status < 300:
+            kind = response.headers.get("Content-Type", "")
+            if not kind.startswith("text/event-stream"):
+                detail = await _read_some(response)
+                raise ServerError(f"HTTP {status} but not an event stream ({kind}): {detail}")
+            return
+        detail = self._scrub(await _read_some(response))
+        message = f"HTTP {status}: {_server_message(detail)}"
+        if status in (400, 413, 422) and _CONTEXT_WORDS.search(detail):
+            raise ContextTooLong(message, detail)
+        if status >= 500 or status in (408, 429):
+            raise Unavailable(message)
+        raise ServerError(message)
+
+    async def _events(
+        self, response: aiohttp.ClientResponse, first_token_by: float
+    ) -> AsyncIterator[str]:
+        """The text deltas of a streamed chat completion (server-sent events), within the
+        first-token deadline, then with at most OPENAI_STALL_TIMEOUT_SECONDS of silence
+        between lines (a server's keep-alive comments count as life)."""
+        loop = asyncio.get_running_loop()
+        deadline: float | None = first_token_by
+        finished = False
+        event = ""
+        while True:
+            limit = self.stall_timeout if deadline is None else deadline - loop.time()
+            try:
+                raw = await asyncio.wait_for(response.content.readline(), max(limit, 0))
+            except TimeoutError as exc:
+                if deadline is None:
+                    raise ServerError(
+                        "the stream stalled: nothing for OPENAI_STALL_TIMEOUT_SECONDS "
+                        f"({self.stall_timeout:g} s)"
+                    ) from exc
+                raise ServerError(
+                    f"no first token within OPENAI_TIMEOUT_SECONDS ({self.first_token_timeout:g} s)"
+                ) from exc
+            except (aiohttp.ClientError, ValueError) as exc:
+                raise ServerError(f"the stream broke off: {self._scrub(repr(exc))}") from exc
+            if not raw:  # end of the body
+                break
+            line = raw.decode("utf-8", "replace").strip()
+            if line.startswith("event:"):
+                event = line[6:].strip()
+                continue
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                chunk = {"error": data} if event == "error" else {}
+            if not isinstance(chunk, dict):
+                continue
+            if "error" in chunk or event == "error":
+                said = self._scrub(_server_message(json.dumps(chunk.get("error", chunk))))
+                if _CONTEXT_WORDS.search(said) and not finished:
+                    raise ContextTooLong(f"error event: {said}", said)
+                raise ServerError(f"error event: {said}")
+            choice = (chunk.get("choices") or [{}])[0]
+            if choice.get("finish_reason"):
+                finished = True
+            delta = (choice.get("delta") or {}).get("content")
+            if delta:
+                deadline = None
+                yield str(delta)
+        if not finished:
+            raise ServerError("the stream ended without a finish reason")
 
     def _failed(self, exc: BaseException) -> None:
         if not self._down:
@@ -100,8 +392,11 @@ class OpenAIBackend(Backend):
             log.error(
                 "Inference server at %s is unreachable or failing (%s); users get an apology",
                 self.masked_url,
-                type(exc).__name__,
+                exc,
             )
+
+    def _refused(self, exc: ServerError) -> None:
+        log.warning("Inference server at %s: %s", self.masked_url, exc)
 
     def _up(self) -> None:
         if self._down:
@@ -123,19 +418,33 @@ class OpenAIBackend(Backend):
             await self._session.close()
 
 
-async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
-    """The text deltas of a streamed chat completion (server-sent events)."""
-    async for raw in response.content:
-        line = raw.decode("utf-8", "replace").strip()
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        try:
-            choices = json.loads(data).get("choices") or [{}]
-        except ValueError:
-            continue
-        delta = (choices[0].get("delta") or {}).get("content")
-        if delta:
-            yield str(delta)
+async def _read_some(response: aiohttp.ClientResponse, limit: int = 2000) -> str:
+    try:
+        data = await asyncio.wait_for(response.content.read(limit), 5)
+    except (aiohttp.ClientError, TimeoutError):
+        return ""
+    return data.decode("utf-8", "replace").strip()
+
+
+def _server_message(body: str, limit: int = 300) -> str:
+    """The message in an error body ({"error": {"message": …}}, {"error": "…"},
+    {"message": …}, {"detail": …}), else the body's start, on one line."""
+    text = body
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    while isinstance(data, dict):
+        inner = next((data[k] for k in ("error", "message", "detail") if k in data), None)
+        if isinstance(inner, str):
+            text = inner
+            break
+        data = inner
+    return " ".join(text.split())[:limit]
+
+
+def _first_number(pattern: re.Pattern[str], text: str) -> int | None:
+    match = pattern.search(text)
+    if match is None:
+        return None
+    return int(next(g for g in match.groups() if g))
