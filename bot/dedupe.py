@@ -1,18 +1,23 @@
 """Answer each platform event once: Slack resends events it thinks were not
 acknowledged, and several bot replicas may receive the same one.
 
-With REDIS_URL, the first process to `SET key NX EX` wins, across replicas; without
+With REDIS_URL, the first process to claim the key wins, across replicas; without
 it (or while Redis is unreachable), an in-process table does the same for this
-process.
+process. A claim stores a token unique to it, so a claim that is sent again (a
+connection broken after the server applied it) recognises itself instead of
+concluding that another process answered.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
+
+import redis.asyncio as aioredis
 
 from bot.redis_client import REDIS_ERRORS, Outages, connect
 from bot.settings import Settings
@@ -20,6 +25,15 @@ from bot.settings import Settings
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "chatbot:seen:"
+
+# The key's token if it has one, else set it to ours: one atomic step, on any Redis
+# version (SET NX GET needs 7.0).
+CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder then return holder end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return ARGV[1]
+"""
 
 
 class Dedupe(Protocol):
@@ -61,20 +75,27 @@ class InProcessDedupe:
 
 
 class RedisDedupe:
-    def __init__(self, url: str, ttl_seconds: int = 600, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        ttl_seconds: int = 600,
+        timeout: float = 2.0,
+        connection_class: type[aioredis.Connection] | None = None,
+    ) -> None:
         self._ttl = ttl_seconds
-        self._redis = connect(url, timeout)
+        self._redis = connect(url, timeout, connection_class)
         self._fallback = InProcessDedupe(ttl_seconds)
         self._outages = Outages(url, "deduping events in this process only")
 
     async def first(self, key: str) -> bool:
+        token = uuid.uuid4().hex
         try:
-            claimed = await self._redis.set(KEY_PREFIX + key, "1", nx=True, ex=self._ttl)
+            holder = await self._redis.eval(CLAIM, 1, KEY_PREFIX + key, token, self._ttl)
         except REDIS_ERRORS as exc:
             self._outages.failed("dedupe an event", exc)
             return await self._fallback.first(key)
         self._outages.succeeded()
-        return bool(claimed)
+        return bool(holder == token)
 
     async def close(self) -> None:
         await self._redis.aclose()

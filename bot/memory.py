@@ -6,10 +6,17 @@ Redis key schema: one list per conversation, and one string per channel persona,
     chatbot:persona:{<platform>:<channel>}          ->  the channel's system prompt
 
 each list element ``{"role": "user" | "assistant", "content": "..."}``. A reply's turns
-are appended, the list trimmed to MEMORY_MAX_TURNS and its TTL renewed in one
-pipelined round trip; the history and the persona are read in one. The braces are
+are appended, the list trimmed to MEMORY_MAX_TURNS and its TTL renewed by one script
+in one round trip; the history and the persona are read in one. The braces are
 Redis Cluster hash tags: a channel's keys share a slot, so that read needs one node,
 and no command ever spans two channels.
+
+An append is idempotent: it carries a token, remembered for a while under
+``chatbot:append:{<platform>:<channel>}:<token>``, and a second run of the same append
+(a command sent again after a broken connection) stores nothing.
+
+History is whole exchanges: the cap is rounded down to an even number of turns, and a
+history that starts with a reply (stored by older code) is read from its first user turn.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Sequence
 from typing import Protocol
@@ -31,6 +39,29 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "chatbot:conv:"
 PERSONA_PREFIX = "chatbot:persona:"
+APPEND_PREFIX = "chatbot:append:"
+# How long an append's token is remembered: far longer than a command's retry.
+APPEND_TOKEN_SECONDS = 600
+
+# KEYS: the conversation, the append's token. ARGV: cap, TTL, token TTL, turns.
+APPEND = """
+if not redis.call('SET', KEYS[2], 1, 'NX', 'EX', ARGV[3]) then return 0 end
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 4))
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+def whole_exchanges(max_turns: int) -> int:
+    """The turn cap as whole exchanges (a message and its reply): an odd cap would
+    leave a history that starts with a reply, which strict chat templates refuse."""
+    return max(2, max_turns - max_turns % 2)
+
+
+def from_first_user_turn(turns: list[Turn]) -> list[Turn]:
+    start = next((i for i, t in enumerate(turns) if t.role == "user"), len(turns))
+    return turns[start:]
 
 
 def _slot(conversation: ConversationKey) -> str:
@@ -96,7 +127,7 @@ class InProcessMemory:
     """A dict of bounded deques, with the same caps as Redis; lost on restart."""
 
     def __init__(self, max_turns: int, ttl_seconds: float) -> None:
-        self._max_turns = max_turns
+        self._max_turns = whole_exchanges(max_turns)
         self._ttl = ttl_seconds
         self._store: dict[str, tuple[float, deque[Turn]]] = {}
         self._personas: dict[str, str] = {}
@@ -116,7 +147,7 @@ class InProcessMemory:
         entry = self._store.get(str(conversation))
         if entry is None or now - entry[0] > self._ttl:
             return []
-        return list(entry[1])
+        return from_first_user_turn(list(entry[1]))
 
     async def load(self, conversation: ConversationKey) -> tuple[list[Turn], str | None]:
         return await self.history(conversation), self._personas.get(persona_key(conversation))
@@ -163,7 +194,7 @@ class RedisMemory:
         timeout: float = 2.0,
         connection_class: type[aioredis.Connection] | None = None,
     ) -> None:
-        self._max_turns = max_turns
+        self._max_turns = whole_exchanges(max_turns)
         self._ttl = ttl_seconds
         self._redis = connect(url, timeout, connection_class)
         self._outages = Outages(url, "replying without memory")
@@ -185,7 +216,7 @@ class RedisMemory:
             self._outages.failed("read history", exc)
             return []
         self._outages.succeeded()
-        return [turn for turn in map(decode_turn, raw) if turn is not None]
+        return from_first_user_turn([turn for turn in map(decode_turn, raw) if turn is not None])
 
     async def load(self, conversation: ConversationKey) -> tuple[list[Turn], str | None]:
         try:
@@ -197,7 +228,8 @@ class RedisMemory:
             self._outages.failed("read history", exc)
             return [], None
         self._outages.succeeded()
-        return [turn for turn in map(decode_turn, raw) if turn is not None], persona
+        turns = [turn for turn in map(decode_turn, raw) if turn is not None]
+        return from_first_user_turn(turns), persona
 
     async def set_persona(self, conversation: ConversationKey, text: str | None) -> None:
         key = persona_key(conversation)
@@ -211,13 +243,18 @@ class RedisMemory:
     async def append(self, conversation: ConversationKey, turns: Sequence[Turn]) -> None:
         if not turns:
             return
-        key = redis_key(conversation)
+        token = f"{APPEND_PREFIX}{_slot(conversation)}:{uuid.uuid4().hex}"
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.rpush(key, *(encode_turn(t) for t in turns))
-                pipe.ltrim(key, -self._max_turns, -1)
-                pipe.expire(key, self._ttl)
-                await pipe.execute()
+            await self._redis.eval(
+                APPEND,
+                2,
+                redis_key(conversation),
+                token,
+                self._max_turns,
+                self._ttl,
+                APPEND_TOKEN_SECONDS,
+                *(encode_turn(t) for t in turns),
+            )
         except REDIS_ERRORS as exc:
             self._outages.failed("store turns", exc)
             return

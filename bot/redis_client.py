@@ -25,14 +25,20 @@ REDIS_ERRORS = (RedisError, OSError)
 def connect(
     url: str, timeout: float = 2.0, connection_class: type[aioredis.Connection] | None = None
 ) -> aioredis.Redis:
-    """A client with short timeouts and one quick retry: a pooled connection to a
-    restarted server fails once, then reconnects; an outage costs a call ~2 timeouts."""
+    """A client with short timeouts and one quick retry on a broken connection: a pooled
+    connection to a restarted server fails once, then reconnects.
+
+    Never a retry on a timeout: a command that timed out may still be applied by a
+    stalled server, and sending it again would apply it twice (a dedupe claim then finds
+    itself and reports the event as already answered; an append stores turns twice).
+    A broken connection can also come after the server applied a command, so the
+    writes that are not idempotent by nature carry a token (bot.dedupe, bot.memory)."""
     extra = {"connection_class": connection_class} if connection_class else {}
     return aioredis.from_url(
         url,
         socket_connect_timeout=timeout,
         socket_timeout=timeout,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         decode_responses=True,
         **extra,
     )

@@ -134,3 +134,41 @@ async def test_redis_outage_one_warning_then_resumes(
     await memory.history(A)
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2
     await memory.close()
+
+
+@pytest.mark.parametrize("store", ["redis", "in-process"])
+async def test_an_odd_cap_keeps_whole_exchanges(store: str, tmp_path: Any) -> None:
+    server = RedisServer(tmp_path)
+    if store == "redis":
+        server.start()
+    memory: Memory = (
+        RedisMemory(server.url, max_turns=5, ttl_seconds=600)
+        if store == "redis"
+        else InProcessMemory(max_turns=5, ttl_seconds=600)
+    )
+    try:
+        for i in range(4):
+            await memory.append(A, turns(f"u{i}", f"a{i}"))
+        history = await memory.history(A)
+        assert [t.content for t in history] == ["u2", "a2", "u3", "a3"]
+        assert (await memory.load(A))[0] == history
+    finally:
+        await memory.close()
+        server.stop()
+
+
+async def test_history_stored_by_older_code_is_read_from_its_first_user_turn(
+    redis_server: RedisServer,
+) -> None:
+    probe = aioredis.from_url(redis_server.url, decode_responses=True)
+    await probe.rpush(
+        redis_key(A),
+        '{"role": "assistant", "content": "half"}',
+        '{"role": "user", "content": "u"}',
+        '{"role": "assistant", "content": "a"}',
+    )
+    memory = RedisMemory(redis_server.url, max_turns=20, ttl_seconds=600)
+    assert [t.content for t in await memory.history(A)] == ["u", "a"]
+    assert [t.content for t in (await memory.load(A))[0]] == ["u", "a"]
+    await memory.close()
+    await probe.aclose()
