@@ -248,21 +248,33 @@ def lines(results: dict[str, Any]) -> list[str]:
         "",
         f"CPU: {cpu_label(machine)}; torch {machine.get('torch', '?')}, "
         f"{machine.get('torch_threads', '?')} threads; bot dtype {machine.get('dtype', '?')}",
-        "",
-        "Closed loop (each conversation sends its next message when its reply is done)",
     ]
+    if results.get("runs"):
+        out += _closed_loop_lines(results["runs"])
+    out += _workload_lines(results)
+    out += _target_lines(results)
+    return out
+
+
+def _closed_loop_lines(runs: list[dict[str, Any]]) -> list[str]:
+    out = ["", "Closed loop (each conversation sends its next message when its reply is done)"]
     head = ("system", "dtype", "thr", "conc", "msgs", "tok/s", "p50 s", "p95 s", "ttft50",
             "lag99 ms", "RSS MB")  # fmt: skip
     out.append("{:<22}{:>11}{:>4}{:>5}{:>7}{:>8}{:>8}{:>8}{:>8}{:>10}{:>8}".format(*head))
-    for s in results.get("runs", []):
+    for s in runs:
         msgs = f"{s['messages']}" + ("*" if s.get("cut_short") else "")
         out.append(
             f"{s['system']:<22}{s['dtype']:>11}{s['threads']:>4}{s['concurrency']:>5}{msgs:>7}"
             f"{s['tokens_per_s']:>8.1f}{s['latency_p50_s']:>8.2f}{s['latency_p95_s']:>8.2f}"
             f"{s['ttft_p50_s']:>8.3f}{_fmt(s['loop_lag_p99_ms'], 1):>10}{s['peak_rss_mb']:>8.0f}"
         )
-    if any(s.get("cut_short") for s in results.get("runs", [])):
+    if any(s.get("cut_short") for s in runs):
         out.append("  * stopped at its time budget: rates hold for the messages that ran")
+    return out
+
+
+def _workload_lines(results: dict[str, Any]) -> list[str]:
+    out: list[str] = []
 
     open_loop = results.get("open_loop") or {}
     if open_loop.get("rates"):
@@ -318,7 +330,12 @@ def lines(results: dict[str, Any]) -> list[str]:
     if startup:
         out.append(f"Warm start to ready: {startup['warm_start_s']} s")
 
-    out += ["", f"Targets ({cpu_label(machine)}; bot dtype {machine.get('dtype', '?')}, "
+    return out
+
+
+def _target_lines(results: dict[str, Any]) -> list[str]:
+    machine = results.get("machine", {})
+    out = ["", f"Targets ({cpu_label(machine)}; bot dtype {machine.get('dtype', '?')}, "
             f"{machine.get('torch_threads', '?')} threads)"]  # fmt: skip
     for r in results.get("ratios", []):
         state = "not measured" if r["met"] is None else "met" if r["met"] else "MISSED"
