@@ -175,7 +175,7 @@ class FakeDiscord(FakeServer[Call]):
             if str(reference.get("message_id")) in self.deleted:
                 if reference.get("fail_if_not_exists", True):
                     return json_response(UNKNOWN_REFERENCE, 400)
-                (body or {}).pop("message_reference")  # posted as a plain message
+                # else Discord posts it as a plain message
             call.response = self.message(channel, message_id, body or {})
             return json_response(call.response)
         if parts[0] == "interactions":

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from bot.engine import APOLOGY, Engine
 from bot.memory import InProcessMemory
-from bot.messages import ConversationKey, Message
+from bot.messages import ConversationKey, Message, Turn
 from bot.prompt import Prompt
 from tests.scripted import ScriptedModel
 
@@ -48,6 +48,18 @@ class FailsMidway(ScriptedModel):
         for start in range(0, self.fail_at, self.chunk):
             on_text(text[start : min(start + self.chunk, self.fail_at)])
         raise RuntimeError("scripted failure mid-reply")
+
+
+class CountingMemory(InProcessMemory):
+    """In-process memory that notes which conversations' history was read."""
+
+    def __init__(self) -> None:
+        super().__init__(20, 3600)
+        self.looked_up: list[ConversationKey] = []
+
+    async def history(self, conversation: ConversationKey) -> list[Turn]:
+        self.looked_up.append(conversation)
+        return await super().history(conversation)
 
 
 def message(text: str) -> Message:

@@ -20,10 +20,10 @@ import yarl
 from adapters.discord.client import DiscordAdapter
 from adapters.discord.translate import HELP_LINE, REFUSAL
 from bot.engine import APOLOGY, Engine, ModelRunner
-from bot.memory import InProcessMemory, Memory
+from bot.memory import InProcessMemory, Memory, RedisMemory
 from bot.messages import ConversationKey, Turn
 from bot.model import LoadedModel
-from tests.conftest import greedy, make_settings
+from tests.conftest import RedisServer, greedy, make_settings
 from tests.fake_discord import (
     ANN,
     BOB,
@@ -41,6 +41,7 @@ from tests.fake_discord import (
     payload,
 )
 from tests.scripted import ScriptedModel
+from tests.test_adapters_scripts import CountingMemory, FailsMidway, GatedModel
 
 TOKEN = "MTAwMDAwMDAwMDAwMDAwMDAx.fake.discord-token-never-logged"
 
@@ -156,7 +157,7 @@ def sent_texts(calls: list[Call]) -> list[str]:
     return [str((c.body or {}).get("content", "")) for c in calls]
 
 
-# --- triggers -------------------------------------------------------------------------
+# --- triggers
 
 
 @pytest.mark.parametrize(
@@ -270,7 +271,7 @@ async def test_thread_follow_ups_can_be_turned_off(discord_bot: Factory) -> None
     assert model.inputs == ["start here", "with a mention"]
 
 
-# --- replies ----------------------------------------------------------------------------
+# --- replies
 
 
 async def test_streaming_edits_end_with_the_whole_reply(discord_bot: Factory) -> None:
@@ -355,7 +356,7 @@ async def test_http_403_is_logged_with_the_channel_and_the_bot_carries_on(
     assert (ok.body or {})["content"] == "ok"
 
 
-# --- access, rate limit, slash commands ------------------------------------------------------
+# --- access, rate limit, slash commands
 
 
 async def test_allow_lists(discord_bot: Factory) -> None:
@@ -448,7 +449,7 @@ async def test_token_never_logged(discord_bot: Factory, caplog: pytest.LogCaptur
     assert "scope=bot+applications.commands" in invite and f"client_id={BOT_ID}" in invite
 
 
-# --- the whole pipeline, on the real model -----------------------------------------------------
+# --- the whole pipeline, on the real model
 
 
 @pytest.mark.model
@@ -481,3 +482,215 @@ async def test_thread_follow_ups_survive_a_restart(discord_bot: Factory) -> None
     await bot.replies(channel=THREAD)
     await bot.settle()
     assert model.inputs == ["follow-up after the restart"]
+
+
+# --- access: every entry point against each allow-list
+
+
+def _dm_interaction(user: str = ANN) -> dict[str, Any]:
+    """What an INTERACTION_CREATE in a DM with the bot looks like: no guild, no member."""
+    data = payload("interaction_create")
+    person = data.pop("member")["user"]
+    data.pop("guild_id")
+    data.update(
+        user={**person, "id": user},
+        channel_id=DM,
+        channel={"id": DM, "type": 1, "recipients": [{**person, "id": user}]},
+        context=1,
+    )
+    return data
+
+
+async def _try_every_entry_point(bot: Harness) -> dict[str, str]:
+    """Ann, with no role, at every entry point; returns the commands' interaction ids."""
+    await bot.engine.memory.append(
+        ConversationKey("discord", GENERAL, THREAD),
+        [Turn("user", "earlier"), Turn("assistant", "ok")],
+    )
+    earlier = payload("message_create")
+    earlier.update(id="6900000000000000001", content="earlier answer")
+    earlier["author"] = payload("ready")["user"]
+    earlier.pop("member")
+    await bot.say(f"<@{BOT_ID}> mention")
+    await bot.say(
+        "reply",
+        type=19,
+        message_reference={"message_id": earlier["id"], "channel_id": GENERAL},
+        referenced_message=earlier,
+    )
+    await bot.say("thread", channel=THREAD)
+    await bot.say("dm", channel=DM)
+    ask = [{"name": "prompt", "type": 3, "value": "ask"}]
+    show = [{"name": "show", "type": 1, "options": []}]
+    ids = {
+        "ask": await bot.interact("ask", ask),
+        "persona": await bot.interact("persona", show),
+        "reset": await bot.interact("reset"),
+    }
+    dm_ask = [{"name": "prompt", "type": 3, "value": "dm ask"}]
+    for name, options in (("ask", dm_ask), ("reset", None)):
+        data = _dm_interaction()
+        interaction_id = str(next(bot.ids))
+        data.update(id=interaction_id, token=f"token-{interaction_id}")
+        data["data"] = {**data["data"], "name": name, "options": options or []}
+        await bot.fake.dispatch("INTERACTION_CREATE", data)
+        ids[f"dm {name}"] = interaction_id
+    return ids
+
+
+EVERYWHERE = {"mention", "reply", "thread", "dm", "ask", "persona", "reset", "dm ask", "dm reset"}
+IN_THE_GUILD = {"mention", "reply", "thread", "ask", "persona", "reset"}
+IN_DMS = {"dm", "dm ask", "dm reset"}
+
+
+@pytest.mark.parametrize(
+    ("lists", "refused"),
+    [
+        ({"discord_allowed_channels": RANDOM}, IN_THE_GUILD),  # DMs: DISCORD_ALLOW_DMS
+        ({"discord_allowed_guilds": "2999999999999999999"}, IN_THE_GUILD),
+        ({"discord_allowed_users": BOB}, EVERYWHERE),
+        ({"discord_allowed_roles": VIP_ROLE}, EVERYWHERE),
+        ({"discord_allow_dms": False}, IN_DMS),
+    ],
+)
+async def test_allow_lists_cover_every_entry_point(
+    discord_bot: Factory, lists: dict[str, Any], refused: set[str]
+) -> None:
+    model = ScriptedModel("ok")
+    bot = await discord_bot(model, **lists)
+    ids = await _try_every_entry_point(bot)
+    callbacks = await bot.fake.wait_for(lambda c: c.path.startswith("/interactions/"), len(ids))
+    answered_messages = {"mention", "reply", "thread", "dm"} - refused
+    await bot.replies(len(answered_messages))
+    for _ in range(100):  # /ask answers after its defer
+        if len(model.inputs) >= len(EVERYWHERE - refused - {"persona", "reset", "dm reset"}):
+            break
+        await asyncio.sleep(0.02)
+    await bot.settle()
+    expected = EVERYWHERE - refused - {"persona", "reset", "dm reset"}
+    assert sorted(model.inputs) == sorted(expected)
+    by_id = {c.path.split("/")[2]: c.body or {} for c in callbacks}
+    for name, interaction_id in ids.items():
+        body = by_id[interaction_id]
+        if name in refused:
+            assert body["type"] == 4 and body["data"]["content"] == REFUSAL, name
+            assert body["data"]["flags"] == 64
+        else:
+            assert body["type"] == 5, name  # deferred: answered after
+
+
+# --- acks: a command while a reply is being written
+
+
+async def test_commands_ack_while_a_reply_streams_in_the_same_channel(
+    discord_bot: Factory,
+) -> None:
+    model = GatedModel("Still writing this one, slowly.")
+    bot = await discord_bot(model)
+    await bot.say(f"<@{BOT_ID}> a long one")
+    await bot.replies()  # the first part is up; the rest waits on the gate
+    try:
+        await bot.interact("reset")
+        await bot.interact("persona", [{"name": "show", "type": 1, "options": []}])
+        # Both acknowledged while the reply in the same channel is still being written.
+        acks = await bot.fake.wait_for(lambda c: c.path.startswith("/interactions/"), 2)
+        assert not model.gate.is_set()
+        assert [(a.body or {})["type"] for a in acks] == [5, 5]
+        assert all((a.body or {})["data"]["flags"] == 64 for a in acks)
+    finally:
+        model.gate.set()
+    done = await bot.fake.wait_for(lambda c: c.path.endswith("/messages/@original"), 2)
+    contents = {(c.body or {})["content"] for c in done}
+    assert contents == {
+        "Done: I've forgotten this channel's conversation.",
+        "This channel uses the default persona.",
+    }
+    await bot.settle()
+    # The reset came after the reply in its conversation: that reply is forgotten too.
+    assert await bot.engine.memory.history(ConversationKey("discord", GENERAL)) == []
+
+
+# --- known threads: after the access checks, bounded, a failed look-up retried
+
+
+async def test_thread_lookup_comes_after_the_access_checks(discord_bot: Factory) -> None:
+    memory = CountingMemory()
+    bot = await discord_bot(ScriptedModel("ok"), memory=memory, discord_allowed_users=BOB)
+    thread = ConversationKey("discord", GENERAL, THREAD)
+    await bot.say("not allowed", channel=THREAD)
+    await bot.say("not for me", channel=THREAD, author=OTHER_BOT, bot=True)
+    await bot.say(f"<@{BOT_ID}> sentinel", author=BOB)
+    await bot.replies()
+    await bot.settle()
+    assert thread not in memory.looked_up  # nothing read for messages it may not answer
+    await bot.say("allowed", channel=THREAD, author=BOB)
+    await bot.say("allowed again", channel=THREAD, author=BOB)
+    await bot.say(f"<@{BOT_ID}> sentinel again", author=BOB)
+    await bot.replies(2)
+    await bot.settle()
+    # Looked up once: "not the bot's thread" is remembered a while.
+    assert [k for k in memory.looked_up if k.thread] == [thread]
+
+
+async def test_a_thread_lookup_during_a_redis_outage_is_retried(
+    discord_bot: Factory, redis_server: RedisServer
+) -> None:
+    model = ScriptedModel("ok")
+    memory = RedisMemory(redis_server.url, 20, 3600, timeout=0.5)
+    bot = await discord_bot(model, memory=memory)
+    key = ConversationKey("discord", GENERAL, THREAD)
+    redis_server.stop()
+    await bot.say("during the outage", channel=THREAD)
+    await bot.say(f"<@{BOT_ID}> sentinel", channel=RANDOM)
+    await bot.replies(channel=RANDOM)
+    await bot.settle()
+    redis_server.start()  # back (empty, as a cache-only Redis after a crash)
+    await memory.append(key, [Turn("user", "earlier"), Turn("assistant", "ok")])
+    await bot.say("after the outage", channel=THREAD)
+    await bot.replies(channel=THREAD)
+    await bot.settle()
+    assert model.inputs == ["sentinel", "after the outage"]
+
+
+# --- a failure mid-reply, a deleted original, typing
+
+
+async def test_a_reply_failing_after_several_messages_leaves_no_fragments(
+    discord_bot: Factory,
+) -> None:
+    text = "\n\n".join(f"Paragraph {i}: " + "words " * 60 for i in range(30))
+    bot = await discord_bot(FailsMidway(text, fail_at=3000))
+    await bot.say(f"<@{BOT_ID}> a long one")
+    await bot.replies(2)  # the failed reply spans two messages
+    await bot.settle()
+    assert bot.fake.final_contents(GENERAL) == [APOLOGY]
+    assert len(bot.fake.deleted) == 1
+
+
+async def test_a_reply_to_a_deleted_message_is_posted_anyway(discord_bot: Factory) -> None:
+    model = ScriptedModel("still answered")
+    bot = await discord_bot(model)
+    bot.fake.deleted.add("6100000000000000001")  # the next message id: gone at once
+    message_id = await bot.say(f"<@{BOT_ID}> quick, delete me")
+    assert message_id == "6100000000000000001"
+    (reply,) = await bot.replies()
+    await bot.settle()
+    assert (reply.body or {})["message_reference"]["fail_if_not_exists"] is False
+    assert bot.fake.final_contents(GENERAL) == ["still answered"]
+    assert (reply.body or {})["allowed_mentions"]["parse"] == []
+
+
+async def test_typing_stops_once_the_first_part_is_posted(discord_bot: Factory) -> None:
+    model = GatedModel("Typing until this is posted, then edits only.")
+    bot = await discord_bot(model, typing_interval=0.02)
+    await bot.say(f"<@{BOT_ID}> hi")
+    (first,) = await bot.replies()
+    # Many typing intervals pass while the reply is still being written, by edits.
+    for _ in range(10):
+        await asyncio.sleep(0.02)
+    model.gate.set()
+    await bot.settle()
+    typing = [c for c in bot.fake.calls if c.path == f"/channels/{GENERAL}/typing"]
+    assert typing[0].at <= first.at
+    # At most one typing call was already on its way when the first part went out.
+    assert len([t for t in typing if t.at > first.at]) <= 1

@@ -30,7 +30,7 @@ from bot.model import LoadedModel
 from tests.conftest import RedisServer, free_port, greedy, make_settings
 from tests.fake_slack import ANN, BOB, BOT_USER, CHANNEL, DM, OTHER_CHANNEL, FakeSlack, payload
 from tests.scripted import ScriptedModel
-from tests.test_adapters_scripts import FailsMidway, GatedModel
+from tests.test_adapters_scripts import CountingMemory, FailsMidway, GatedModel
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 BOT_TOKEN = "xoxb-17653672481-19874698323-pdFZKVeTuE8sk7oOcBrzbqgy"
@@ -596,18 +596,6 @@ async def test_dms_open_again_with_slack_allow_dms(slack_bot: Factory) -> None:
     await bot.posts(channel=DM)
     await bot.settle()
     assert model.inputs == ["a DM"]
-
-
-class CountingMemory(InProcessMemory):
-    """In-process memory that notes which conversations' history was read."""
-
-    def __init__(self) -> None:
-        super().__init__(20, 3600)
-        self.looked_up: list[ConversationKey] = []
-
-    async def history(self, conversation: ConversationKey) -> list[Turn]:
-        self.looked_up.append(conversation)
-        return await super().history(conversation)
 
 
 async def test_a_refused_follow_up_is_not_looked_up_in_memory(slack_bot: Factory) -> None:
