@@ -216,18 +216,24 @@ def main(argv: list[str] | None = None) -> None:
         return RedisMemory(redis.url, max_turns, settings.memory_ttl_seconds)
 
     def setup_for(new_tokens: int) -> Setup:
-        chosen_settings = settings.model_copy(update={"max_new_tokens": new_tokens})
-        generator = Generator.from_settings(loaded, chosen_settings)
-        return Setup(generator, chosen_settings, memory, count_tokens, dtype, threads)
+        chosen = settings.model_copy(update={"max_new_tokens": new_tokens})
+        return Setup(
+            lambda: Generator.from_settings(loaded, chosen),
+            chosen,
+            memory,
+            count_tokens,
+            dtype,
+            threads,
+        )
 
     setup, ttft_setup = setup_for(plan.max_new), setup_for(plan.ttft_new)
 
     async def warm_up() -> None:
         engine = setup.engine()
-        await timed(engine, new_key("warm"), "Warm up.")
-        await engine.close()
-
-    asyncio.run(warm_up())
+        try:
+            await timed(engine, new_key("warm"), "Warm up.")
+        finally:
+            await engine.close()
 
     machine = report.cpu_info()
     machine.update(
@@ -264,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
                 runs.append(seed_loop(fp32, settings, people, budget, "seed loop float32"))
                 del fp32
                 gc.collect()
+        # Only now is an engine built: it may adapt the model (its attention) for its
+        # scheduler, and the seed loop runs on the model as transformers loads it.
+        asyncio.run(warm_up())
         if "closed" in chosen:
             for level in plan.levels:
                 log.info("this bot: %d concurrent conversations", level)
@@ -280,7 +289,9 @@ def main(argv: list[str] | None = None) -> None:
                     "openai_model": args.openai_model,
                 }
             )
-            remote = Setup(OpenAIBackend(server), settings, memory, count_tokens, "server", 0)
+            remote = Setup(
+                lambda: OpenAIBackend(server), settings, memory, count_tokens, "server", 0
+            )
             for level in plan.levels:
                 log.info("this bot, openai backend: %d concurrent conversations", level)
                 runs.append(

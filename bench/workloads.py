@@ -93,7 +93,9 @@ class Run:
 class Setup:
     """How to build an engine for a workload, and what to write next to its figures."""
 
-    runner: Runner
+    # A new model runner for each engine: closing an engine may close its runner (the
+    # step scheduler a Generator owns), and no cache should outlive a workload.
+    make_runner: Callable[[], Runner]
     settings: Settings
     memory: Callable[[int], Memory]  # a fresh store keeping at most this many turns
     count_tokens: Callable[[str], int]
@@ -102,7 +104,7 @@ class Setup:
 
     def engine(self, max_turns: int | None = None) -> Engine:
         memory = self.memory(max_turns or self.settings.memory_max_turns)
-        return Engine.from_settings(self.runner, memory, self.settings)
+        return Engine.from_settings(self.make_runner(), memory, self.settings)
 
     def tags(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "threads": self.threads}

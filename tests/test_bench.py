@@ -35,7 +35,7 @@ def scripted_setup() -> Setup:
         return InProcessMemory(max_turns, 60)
 
     return Setup(
-        ScriptedModel("A short scripted reply.", chunk=4),
+        lambda: ScriptedModel("A short scripted reply.", chunk=4),
         settings,
         memory,
         lambda text: len(text.split()),
@@ -158,6 +158,6 @@ def test_plans_and_paste() -> None:
 
 async def test_a_failed_reply_stops_a_workload_rather_than_pass_for_a_fast_one() -> None:
     setup = scripted_setup()
-    setup.runner = ScriptedModel(fail_on="boom")
+    setup.make_runner = lambda: ScriptedModel(fail_on="boom")
     with pytest.raises(RuntimeError, match="did not answer"):
         await turn_by_turn(setup, ["hello", "boom"], 1, 30)
