@@ -746,3 +746,19 @@ async def test_group_dm_is_answered_like_a_channel(slack_bot: Factory) -> None:
     await bot.settle()
     assert model.inputs == ["What is the capital of France?", "and a follow-up"]
     assert all(p.args["thread_ts"] == root for p in posts)
+
+
+async def test_a_natively_streamed_reply_that_fails_ends_with_the_apology_set_apart(
+    slack_bot: Factory,
+) -> None:
+    text = "Partial answer " * 40
+    bot = await slack_bot(FailsMidway(text, fail_at=300, chunk=50), slack_native_streaming=True)
+    await bot.send("app_mention")
+    await bot.fake.wait_for(lambda c: c.method == "chat.stopStream")
+    await bot.settle()
+    streamed = ""
+    for call in bot.fake.calls:
+        if call.method in ("chat.startStream", "chat.appendStream", "chat.stopStream"):
+            streamed += str(call.args.get("markdown_text") or "")
+            streamed += "".join(c["text"] for c in call.args.get("chunks") or [])
+    assert streamed == escape(text[:300] + "\n\n" + APOLOGY)

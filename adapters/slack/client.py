@@ -320,6 +320,11 @@ class SlackAdapter:
         streamer = None
         try:
             async for chunk in stream:
+                failed = stream.reply is not None and not stream.reply.ok
+                if failed and streamer is not None and not chunk.startswith("\n"):
+                    # Streamed text cannot be taken back: keep it, and set the apology
+                    # apart so that it reads as the note that the answer was cut off.
+                    chunk = "\n\n" + chunk
                 if streamer is None or streamed + len(chunk) > MESSAGE_LIMIT:
                     if streamer is not None:
                         await streamer.stop()
