@@ -63,14 +63,18 @@ class ConsoleAdapter:
         threading.Thread(target=read, name="console-stdin", daemon=True).start()
 
     async def _next_line(self, lines: asyncio.Queue[str | None], stop: asyncio.Event) -> str | None:
-        """The next line, or None at end of input or when the bot is stopping."""
+        """The next line, or None at end of input or when the bot is stopping.
+
+        Once stopping, lines already read but not yet answered are left unanswered."""
+        if stop.is_set():
+            return None
         if self._interactive:
             self._write("you> ")
         line = asyncio.ensure_future(lines.get())
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait([line, stopping], return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
-        if not line.done():
+        if not line.done() or stop.is_set():
             line.cancel()
             return None
         text = line.result()

@@ -71,8 +71,17 @@ async def serve(settings: Settings, adapters: Sequence[Adapter]) -> None:
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
         stop.set()
-        await asyncio.gather(*tasks, return_exceptions=False)
         stopper.cancel()
+        # Adapters finish their replies in progress within the grace period; whatever
+        # still runs after it is cut short (engine.close then stops its rows).
+        _, late = await asyncio.wait(tasks, timeout=settings.shutdown_grace_seconds + 1)
+        if late:
+            log.warning("Stopping: %d adapter(s) cut short after the grace period", len(late))
+        for task in late:
+            task.cancel()
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                raise outcome
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

@@ -71,6 +71,7 @@ class Batcher:
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.batch_sizes: list[int] = []  # recent batch sizes, for tests and the bench
+        self._running: list[_Request] = []
 
     async def generate(
         self, prompt: Prompt, sink: Callable[[str], None], stop: threading.Event
@@ -108,6 +109,7 @@ class Batcher:
     async def _generate(self, batch: list[_Request]) -> list[str]:
         for request in batch:
             request.restart()
+        self._running = batch
         return await asyncio.get_running_loop().run_in_executor(
             self.executor,
             self.runner.generate_batch,
@@ -150,6 +152,9 @@ class Batcher:
                     request.done.set_result(text)
 
     async def close(self) -> None:
+        """Stop every row, queued or running (their readers get what was written)."""
+        for request in [*self._running, *self._queue._queue]:  # type: ignore[attr-defined]
+            request.stop.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -10,6 +10,7 @@ together. Different conversations proceed concurrently.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -17,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from bot import metrics
 from bot.batching import Batcher, BatchRunner
@@ -25,6 +26,9 @@ from bot.memory import Memory
 from bot.messages import ConversationKey, Message, Reply, Turn, clean_text
 from bot.prompt import Prompt
 from bot.settings import Settings
+
+if TYPE_CHECKING:  # torch is imported only with a local model
+    from bot.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +72,29 @@ class Backend(ABC):
         """Whether replies can be generated now (for readiness checks)."""
         return True
 
+    def forget(self, conversation: str) -> None:  # noqa: B027 - optional for backends
+        """Drop whatever the backend keeps of a conversation (a model cache)."""
+
     @abstractmethod
     async def close(self) -> None:
         """Release threads and connections."""
 
 
 class LocalBackend(Backend):
-    """A local model, dynamically batched on one worker thread (bot.batching)."""
+    """A local model on one worker thread: decoder-only models in the step scheduler
+    (bot.scheduler), others dynamically batched through `generate` (bot.batching)."""
 
-    def __init__(self, runner: ModelRunner, max_batch: int = 16, max_wait: float = 0.01) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        max_batch: int = 16,
+        max_wait: float = 0.01,
+        close_timeout: float = 5.0,
+    ) -> None:
         self.runner = runner
-        # Prompt fitting on its own thread, so it never waits behind a running batch.
+        self.scheduler: Scheduler | None = getattr(runner, "scheduler", None)
+        self.close_timeout = close_timeout
+        # Prompt fitting on its own thread, so it never waits behind generation.
         self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self._generate_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self.batcher = Batcher(runner, self._generate_pool, max_batch, max_wait)
@@ -92,33 +108,62 @@ class LocalBackend(Backend):
         )
 
     async def stream(self, prompt: Prompt) -> AsyncIterator[str]:
-        """Generate in the next batch, yielding text as the worker thread decodes it."""
+        """Generate, yielding text as the worker thread decodes it."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        queue: asyncio.Queue[str | _End] = asyncio.Queue()
         stop = threading.Event()
 
-        def hand_over(item: str | None) -> None:
+        def hand_over(item: str | _End) -> None:
             if not loop.is_closed():  # the bot may be shutting down under the thread
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        # The worker's text reaches the loop before the batch's result does, so the
-        # end marker queued on completion comes after the last piece of text.
-        result = asyncio.ensure_future(self.batcher.generate(prompt, hand_over, stop))
-        result.add_done_callback(lambda _: queue.put_nowait(None))
+        if self.scheduler is not None:
+            from bot.scheduler import Row  # loaded already, with the model
+
+            self.scheduler.submit(
+                Row(
+                    prompt.input_ids,
+                    prompt.conversation,
+                    hand_over,
+                    stop,
+                    lambda _text, error: hand_over(_End(error)),
+                )
+            )
+        else:
+            # The worker's text reaches the loop before the batch's result does, so the
+            # end marker queued on completion comes after the last piece of text.
+            result = asyncio.ensure_future(self.batcher.generate(prompt, hand_over, stop))
+            result.add_done_callback(
+                lambda f: queue.put_nowait(_End(None if f.cancelled() else f.exception() or None))
+            )
         try:
-            while (chunk := await queue.get()) is not None:
-                yield chunk
-            await result  # re-raises the generation's exception, if any
+            while not isinstance(item := await queue.get(), _End):
+                yield item
+            if item.error is not None:
+                raise item.error
         finally:
-            # The reader went away (closed, cancelled): stop this row early, and let
-            # its outcome go unread without a "never retrieved" warning.
+            # The reader went away (closed, cancelled): stop this row at the next step.
             stop.set()
-            result.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def forget(self, conversation: str) -> None:
+        if self.scheduler is not None:
+            self.scheduler.forget(conversation)
 
     async def close(self) -> None:
+        """Stop the running rows and the worker, waiting off the loop, bounded."""
         await self.batcher.close()
-        self._prepare_pool.shutdown(wait=True, cancel_futures=True)
-        self._generate_pool.shutdown(wait=True, cancel_futures=True)
+        scheduler = self.scheduler
+        if scheduler and not await asyncio.to_thread(scheduler.close, self.close_timeout):
+            log.warning("The model was still busy %.0f s after stopping", self.close_timeout)
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+        self._generate_pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _End:
+    """The end of a stream of text, with the generation's error if it failed."""
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
 
 
 class _ConversationOrder:
@@ -147,17 +192,29 @@ class _ConversationOrder:
         return len(self._locks)
 
 
+class _Outcome:
+    """Where a reply's generator leaves the whole reply. Apart from ReplyStream, so
+    the generator holds no reference back to its stream: a stream dropped unclosed is
+    freed (and its conversation's turn released) at once, not at the next GC cycle."""
+
+    reply: Reply | None = None
+
+
 class ReplyStream:
     """The reply to one message as an async iterator of text chunks.
 
     Iterate it to the end (or `aclose()` it): the conversation's next message waits
-    until then. Afterwards `reply` holds the whole reply.
+    until then, or until the stream is dropped. Afterwards `reply` holds the whole reply.
     """
 
     def __init__(self, engine: Engine, message: Message) -> None:
         self.message = message
-        self.reply: Reply | None = None
-        self._chunks = engine._produce(message, self)
+        self._outcome = _Outcome()
+        self._chunks = engine._produce(message, self._outcome)
+
+    @property
+    def reply(self) -> Reply | None:
+        return self._outcome.reply
 
     def __aiter__(self) -> AsyncGenerator[str, None]:
         return self._chunks
@@ -216,6 +273,7 @@ class Engine:
         """Forget a conversation (after any reply in progress there)."""
         async with self._order.turn(conversation):
             await self.memory.reset(conversation)
+            self.backend.forget(str(conversation))
 
     async def persona(self, conversation: ConversationKey) -> str | None:
         """The persona of the conversation's channel; None: the configured prompt."""
@@ -249,7 +307,7 @@ class Engine:
         """The backend can generate and the memory store answers."""
         return await self.backend.ready() and await self.memory.ready()
 
-    async def _produce(self, message: Message, out: ReplyStream) -> AsyncGenerator[str, None]:
+    async def _produce(self, message: Message, out: _Outcome) -> AsyncGenerator[str, None]:
         platform = message.platform
         metrics.RECEIVED.labels(platform).inc()
         started = time.perf_counter()
@@ -261,7 +319,7 @@ class Engine:
             (metrics.ANSWERED if ok else metrics.FAILED).labels(platform).inc()
             metrics.LATENCY.labels(platform).observe(time.perf_counter() - started)
 
-    async def _gate(self, message: Message, out: ReplyStream) -> AsyncGenerator[str, None]:
+    async def _gate(self, message: Message, out: _Outcome) -> AsyncGenerator[str, None]:
         text = clean_text(message.text)
         if not text.strip():
             out.reply = Reply(EMPTY_MESSAGE_REPLY)
@@ -283,7 +341,7 @@ class Engine:
             metrics.QUEUE.set(self._pending)
 
     async def _answer(
-        self, message: Message, text: str, out: ReplyStream
+        self, message: Message, text: str, out: _Outcome
     ) -> AsyncGenerator[str, None]:
         conversation = message.conversation
         async with self._order.turn(conversation):
@@ -292,6 +350,7 @@ class Engine:
             parts: list[str] = []
             try:
                 prompt = await self.backend.prepare(history, text, persona)
+                prompt = dataclasses.replace(prompt, conversation=str(conversation))
                 if prompt.truncated:
                     note = truncation_note(prompt)
                     parts.append(note)

@@ -16,10 +16,16 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from bot import metrics
+from bot.detokenize import TextStream
+from bot.kvcache import install
 from bot.messages import Turn
 from bot.model import LoadedModel
 from bot.prompt import Prompt, PromptFormat, build_prompt
+from bot.scheduler import Scheduler
 from bot.settings import Settings
+
+# The default prompt + reply budget on a CPU (CONTEXT_TOKENS overrides it).
+CPU_CONTEXT_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -52,18 +58,11 @@ class GenerationOptions:
 
 
 class _BatchStreamer(BaseStreamer):
-    """Incremental decoding for each row of a batch, handing text to that row's sink.
-
-    Text is handed out at word ends (and held back while a UTF-8 sequence is
-    incomplete), like transformers' TextStreamer, which only takes a batch of one.
-    """
+    """`generate`'s streamer for a batch: each row's tokens to that row's TextStream."""
 
     def __init__(self, tokenizer: Any, sinks: Sequence[Callable[[str], None]], eos: set[int]):
-        self._tokenizer = tokenizer
-        self._sinks = sinks
+        self._rows = [TextStream(tokenizer, sink) for sink in sinks]
         self._eos = eos
-        self._tokens: list[list[int]] = [[] for _ in sinks]
-        self._sent = [0] * len(sinks)
         self._done = [False] * len(sinks)
         self._prompt_seen = False
 
@@ -71,36 +70,24 @@ class _BatchStreamer(BaseStreamer):
         if not self._prompt_seen:  # the prompt (or a seq2seq decoder's start token)
             self._prompt_seen = True
             return
-        for row, token in enumerate(value.reshape(len(self._sinks), -1)[:, -1].tolist()):
+        for row, token in enumerate(value.reshape(len(self._rows), -1)[:, -1].tolist()):
             if self._done[row]:
                 continue
             if token in self._eos:
                 self._done[row] = True
-                self._flush(row, final=True)
+                self._rows[row].close()
                 continue
-            self._tokens[row].append(token)
-            self._flush(row, final=False)
+            self._rows[row].add(token)
 
     def end(self) -> None:
-        for row in range(len(self._sinks)):
-            self._flush(row, final=True)
-
-    def _flush(self, row: int, final: bool) -> None:
-        text = self._tokenizer.decode(self._tokens[row], skip_special_tokens=True)
-        if not final:
-            if text.endswith("\ufffd"):
-                return  # a multi-byte character is not complete yet
-            if not text.endswith("\n"):
-                text = text[: text.rfind(" ") + 1]  # the last word may still grow
-        if len(text) > self._sent[row]:
-            self._sinks[row](text[self._sent[row] :])
-            self._sent[row] = len(text)
+        for row in self._rows:
+            row.close()
 
     def token_count(self) -> int:
-        return sum(len(tokens) for tokens in self._tokens)
+        return sum(len(row.tokens) for row in self._rows)
 
     def text(self, row: int) -> str:
-        return str(self._tokenizer.decode(self._tokens[row], skip_special_tokens=True))
+        return self._rows[row].text()
 
 
 class _StopWhenSet(StoppingCriteria):
@@ -125,9 +112,17 @@ class Generator:
         options: GenerationOptions,
         system_prompt: str,
         context_tokens: int | None = None,
+        *,
+        max_rows: int = 16,
+        chunk_tokens: int = 256,
+        cache_bytes: int = 1 << 30,
     ) -> None:
         self.loaded = loaded
         self.format = PromptFormat(loaded.is_encoder_decoder, system_prompt)
+        if context_tokens is None and loaded.device.type == "cpu":
+            # On a CPU a prompt is read at a few hundred tokens/s: the model's whole
+            # window (8,192 for SmolLM2) would let one message cost minutes.
+            context_tokens = CPU_CONTEXT_TOKENS
         window = min(loaded.context_window, context_tokens or loaded.context_window)
         if loaded.is_encoder_decoder:
             # The encoder reads the prompt, the decoder writes the reply: separate windows.
@@ -142,6 +137,24 @@ class Generator:
         )
         # Fast tokenizers are not safe to call from several threads at once.
         self._tokenizer_lock = threading.Lock()
+        # Decoder-only models run in the step scheduler; encoder-decoder models
+        # (BlenderBot) in batched `generate` (bot.batching).
+        self.scheduler: Scheduler | None = None
+        if not loaded.is_encoder_decoder:
+            install(loaded.model)
+            self.scheduler = Scheduler(
+                loaded.model,
+                loaded.tokenizer,
+                max_new_tokens=max_new,
+                capacity=window,
+                eos=self._eos_ids(),
+                temperature=options.temperature,
+                top_p=options.top_p,
+                repetition_penalty=options.repetition_penalty,
+                max_rows=max_rows,
+                step_tokens=chunk_tokens,
+                cache_bytes=cache_bytes,
+            )
 
     @classmethod
     def from_settings(cls, loaded: LoadedModel, settings: Settings) -> Generator:
@@ -150,6 +163,9 @@ class Generator:
             GenerationOptions.from_settings(settings),
             settings.system_prompt,
             settings.context_tokens,
+            max_rows=settings.batch_size,
+            chunk_tokens=settings.prefill_chunk_tokens,
+            cache_bytes=settings.kv_cache_mb << 20,
         )
 
     def prepare(

@@ -119,6 +119,7 @@ class Prompt:
     truncated: bool  # True when the user's message itself had to be cut
     original_chars: int
     messages: tuple[dict[str, str], ...] = ()  # for servers that take chat messages
+    conversation: str = ""  # whose model cache the prompt may continue ("": none)
 
 
 def build_prompt(

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bot.generation import GenerationOptions, Generator
+from bot.generation import Generator
 from bot.model import LoadedModel, load_model
 from bot.settings import Settings
 
@@ -114,12 +114,7 @@ def bundled(model_cache_dir: Path) -> LoadedModel:
 def greedy(loaded: LoadedModel, max_new_tokens: int = 24, **settings: Any) -> Generator:
     """A Generator on `loaded` with greedy decoding (the same input gives the same reply)."""
     base = make_settings(temperature=0, max_new_tokens=max_new_tokens, **settings)
-    return Generator(
-        loaded,
-        GenerationOptions.from_settings(base),
-        base.system_prompt,
-        base.context_tokens,
-    )
+    return Generator.from_settings(loaded, base)
 
 
 def bot_env(**values: str) -> dict[str, str]:

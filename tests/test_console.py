@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import signal
 import subprocess
 import sys
@@ -11,12 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
 from adapters.console import CONVERSATION, HELP, ConsoleAdapter
 from bot.engine import Engine
-from bot.memory import InProcessMemory
+from bot.memory import InProcessMemory, redis_key
+from bot.messages import ConversationKey
 from bot.model import LoadedModel
-from tests.conftest import REPO, bot_env, greedy, run_bot
+from tests.conftest import REPO, RedisServer, bot_env, greedy, run_bot
 
 pytestmark = pytest.mark.model
 
@@ -87,3 +90,54 @@ def test_sigterm_while_waiting_for_input_exits_0(
     finally:
         process.kill()
         process.communicate()
+
+
+def test_sigterm_during_a_long_generation_exits_within_the_grace(
+    model_cache_dir: Path, bundled: LoadedModel, redis_server: RedisServer
+) -> None:
+    """SIGTERM mid-reply: the reply gets SHUTDOWN_GRACE_SECONDS, then its row is
+    stopped and the bot exits 0; the lines queued behind it are not answered, and
+    memory holds no half exchange."""
+    grace = 2
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bot", "console"],
+        env=bot_env(
+            MODEL_CACHE_DIR=str(model_cache_dir),
+            TEMPERATURE="0",
+            MAX_NEW_TOKENS="1000",
+            REPETITION_PENALTY="1.0",
+            SHUTDOWN_GRACE_SECONDS=str(grace),
+            REDIS_URL=redis_server.url,
+        ),
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdin is not None and process.stderr is not None
+    process.stdin.write("Count from one to five hundred, one number per line.\n")
+    process.stdin.write("".join(f"Queued line {i}\n" for i in range(20)))
+    process.stdin.flush()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if "Model ready" in line or not line:
+            break
+    time.sleep(3)  # well into the first reply (1,000 tokens take minutes here)
+    stopped = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    try:
+        # Generous: a bound that the old engine (which ran the queue for minutes) fails.
+        assert process.wait(timeout=grace + 30) == 0
+        waited = time.monotonic() - stopped
+    finally:
+        process.kill()
+        out, err = process.communicate()
+    assert "Traceback" not in err, err
+    assert out.count("\n") <= 1, "queued lines are not answered once stopping"
+    stored = redis.Redis.from_url(redis_server.url).lrange(
+        redis_key(ConversationKey("console", "terminal")), 0, -1
+    )
+    assert len(stored) in (0, 2), "whole exchanges only"
+    logging.getLogger(__name__).info("exited %.1f s after SIGTERM (grace %d s)", waited, grace)

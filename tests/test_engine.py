@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
@@ -17,6 +18,7 @@ from bot.messages import ConversationKey, Message, Turn
 from bot.model import LoadedModel
 from bot.prompt import Prompt
 from tests.conftest import RedisServer, greedy
+from tests.scripted import ScriptedModel
 from tests.test_memory import CountingConnection
 
 pytestmark = pytest.mark.model
@@ -209,4 +211,20 @@ async def test_redis_round_trips_per_message_and_outage(
     back = await engine.reply(msg("Back again"))
     assert back.ok
     assert (await store.history(key))[0].content == "Back again"
+    await engine.close()
+
+
+async def test_a_dropped_stream_releases_its_conversation() -> None:
+    """A stream abandoned without aclose() does not hold its conversation until the
+    garbage collector runs (it is disabled here)."""
+    engine = Engine(ScriptedModel("word " * 200, chunk=5, delay=0.01), memory())
+    gc.disable()
+    try:
+        stream = engine.stream(msg("first"))
+        await anext(aiter(stream))
+        del stream  # dropped mid-reply, never closed
+        second = await asyncio.wait_for(engine.reply(msg("second")), timeout=30)
+        assert second.ok
+    finally:
+        gc.enable()
     await engine.close()

@@ -1,0 +1,252 @@
+"""Key/value caches for the step scheduler (bot/scheduler.py).
+
+- `SlotPool`: one preallocated key/value buffer per running row ("slot"), per layer.
+  Rows of different lengths decode together without padding their prompts: each
+  step's new tokens are laid end to end in one sequence for the model's linear
+  layers, and attention reads each row's own slot (`RaggedStep.attend`).
+- `PrefixStore`: what a conversation's finished turn leaves behind, its token ids and
+  their keys/values, kept between turns within a byte budget (least recently used go
+  first). A later prompt reuses the longest common token prefix, so a turn reads
+  only its new tokens; when history was trimmed or deleted the prefix differs there,
+  and nothing past the difference is reused. Reuse is decided on token ids alone:
+  the same ids at the same positions give the same keys and values.
+
+The attention function is registered with transformers' `AttentionInterface`, so
+any decoder-only model that dispatches attention through it (Llama, Qwen2, Mistral,
+SmolLM, …) runs unmodified; without a `ragged` argument it is plain SDPA, so
+`model.generate` on the same model behaves exactly as before.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION = "chatbot_ragged"
+
+
+def _attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    step = kwargs.pop("ragged", None)
+    if step is None:
+        output, weights = sdpa_attention_forward(
+            module, query, key, value, attention_mask, **kwargs
+        )
+        return output, weights
+    return step.attend(int(module.layer_idx), query, key, value, kwargs.get("scaling")), None
+
+
+_registered = threading.Lock()
+
+
+def install(model: Any) -> None:
+    """Route the model's attention through the ragged function (SDPA when unused)."""
+    with _registered:
+        AttentionInterface.register(ATTENTION, _attention)
+        AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ATTENTION)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, model: Any) -> ModelShape:
+        config = model.config.get_text_config()
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(config.num_hidden_layers, kv_heads, head_dim, model.dtype, model.device)
+
+    def bytes_per_token(self) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.layers * self.kv_heads * self.head_dim * element
+
+
+class SlotPool:
+    """Keys and values of the running rows: `keys[layer][slot, head, position, dim]`.
+
+    Allocated once with `torch.empty`: the operating system commits pages only as
+    positions are written, so an idle slot's capacity costs address space, not memory.
+    """
+
+    def __init__(self, shape: ModelShape, slots: int, capacity: int) -> None:
+        self.shape = shape
+        self.capacity = capacity
+        size = (shape.layers, slots, shape.kv_heads, capacity, shape.head_dim)
+        self.keys = torch.empty(size, dtype=shape.dtype, device=shape.device)
+        self.values = torch.empty(size, dtype=shape.dtype, device=shape.device)
+
+    def load(self, slot: int, cached: torch.Tensor, length: int) -> None:
+        """Copy the first `length` positions of a stored prefix into `slot`."""
+        self.keys[:, slot, :, :length] = cached[0, :, :, :length]
+        self.values[:, slot, :, :length] = cached[1, :, :, :length]
+
+    def save(self, slot: int, length: int) -> torch.Tensor:
+        """A compact copy of the slot's first `length` positions: [2, layers, heads, n, dim]."""
+        return torch.stack(
+            (self.keys[:, slot, :, :length], self.values[:, slot, :, :length])
+        ).clone()
+
+    def move(self, source: int, target: int, length: int) -> None:
+        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
+        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+
+
+class RaggedStep:
+    """One forward pass over several rows' new tokens, laid end to end.
+
+    `spans[i] = (slot, past, count)`: row i's `count` new tokens follow its `past`
+    cached ones in `slot`. Rows with one new token (decoding) attend together in one
+    batched call over the slots; rows reading a prompt chunk attend one by one.
+    """
+
+    def __init__(self, pool: SlotPool, spans: list[tuple[int, int, int]]) -> None:
+        self.pool = pool
+        device = pool.keys.device
+        slots: list[int] = []
+        positions: list[int] = []
+        for slot, past, count in spans:
+            slots += [slot] * count
+            positions += range(past, past + count)
+        self.token_slots = torch.tensor(slots, device=device)
+        self.token_positions = torch.tensor(positions, device=device)
+        self.position_ids = self.token_positions.unsqueeze(0)
+        # Decoding rows: one query each, one batched attention over slots [0, width).
+        offsets = [0]
+        for _, _, count in spans:
+            offsets.append(offsets[-1] + count)
+        self.decoding = [(i, s, p) for i, (s, p, c) in enumerate(spans) if c == 1]
+        self.width = max((s for _, s, _ in self.decoding), default=-1) + 1
+        self.decode_tokens = torch.tensor([offsets[i] for i, _, _ in self.decoding], device=device)
+        self.decode_slots = torch.tensor([s for _, s, _ in self.decoding], device=device)
+        self.decode_length = max((p + 1 for _, _, p in self.decoding), default=0)
+        if self.decoding:
+            lengths = torch.zeros(self.width, dtype=torch.long, device=device)
+            lengths[self.decode_slots] = torch.tensor([p + 1 for _, _, p in self.decoding])
+            # Slots without a decoding row see position 0 only: a defined, unused result.
+            lengths.clamp_(min=1)
+            span = torch.arange(self.decode_length, device=device)
+            self.decode_mask = (span[None, :] < lengths[:, None])[:, None, None, :]
+        # Prompt chunks: causal within the chunk, after everything cached before it.
+        self.chunks = []
+        for i, (slot, past, count) in enumerate(spans):
+            if count > 1:
+                keys = torch.arange(past + count, device=device)
+                queries = torch.arange(past, past + count, device=device)
+                mask = keys[None, :] <= queries[:, None]
+                self.chunks.append((offsets[i], slot, past, count, mask))
+
+    def attend(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        """Store this step's keys/values in their slots, then attend: [1, tokens, heads, dim]."""
+        keys, values = self.pool.keys[layer], self.pool.values[layer]
+        # key[0]: [kv_heads, tokens, dim] -> [tokens, kv_heads, dim], one write per layer.
+        keys[self.token_slots, :, self.token_positions] = key[0].transpose(0, 1)
+        values[self.token_slots, :, self.token_positions] = value[0].transpose(0, 1)
+        heads, dim = query.shape[1], query.shape[3]
+        kv_heads = keys.shape[1]
+        group = heads // kv_heads
+        out = query.new_empty((1, query.shape[2], heads, dim))
+        if self.decoding:
+            # Query heads grouped under their key/value head (as repeat_kv orders them),
+            # so grouped-query attention needs no copy of the keys.
+            q = query.new_zeros((self.width, kv_heads, group, dim))
+            picked = query[0, :, self.decode_tokens].transpose(0, 1)  # [rows, heads, dim]
+            q[self.decode_slots] = picked.reshape(-1, kv_heads, group, dim)
+            length = self.decode_length
+            attended = F.scaled_dot_product_attention(
+                q,
+                keys[: self.width, :, :length],
+                values[: self.width, :, :length],
+                attn_mask=self.decode_mask,
+                scale=scaling,
+            )
+            out[0, self.decode_tokens] = attended[self.decode_slots].reshape(-1, heads, dim)
+        for start, slot, past, count, mask in self.chunks:
+            q = query[0, :, start : start + count].reshape(kv_heads, group * count, dim)
+            attended = F.scaled_dot_product_attention(
+                q.unsqueeze(0),
+                keys[slot : slot + 1, :, : past + count],
+                values[slot : slot + 1, :, : past + count],
+                attn_mask=mask.repeat(group, 1),
+                scale=scaling,
+            )
+            rows = attended[0].reshape(kv_heads, group, count, dim).reshape(heads, count, dim)
+            out[0, start : start + count] = rows.transpose(0, 1)
+        return out
+
+
+@dataclass
+class Prefix:
+    ids: list[int]
+    kv: torch.Tensor  # [2, layers, kv_heads, len(ids), dim]
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+class PrefixStore:
+    """Finished turns' caches by conversation, least recently used first out."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self._entries: OrderedDict[str, Prefix] = OrderedDict()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def take(self, key: str) -> Prefix | None:
+        """The conversation's cache, removed: a running row owns it until it ends."""
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.nbytes -= entry.nbytes
+        return entry
+
+    def put(self, key: str, entry: Prefix) -> None:
+        self.forget(key)
+        if entry.nbytes > self.budget:
+            return
+        self._entries[key] = entry
+        self.nbytes += entry.nbytes
+        while self.nbytes > self.budget:
+            _, oldest = self._entries.popitem(last=False)
+            self.nbytes -= oldest.nbytes
+
+    def forget(self, key: str) -> None:
+        self.take(key)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

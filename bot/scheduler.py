@@ -1,0 +1,302 @@
+"""Step-level continuous batching for decoder-only models, on one worker thread.
+
+Every step is one forward pass over the running rows: each decoding row brings its
+last token, and rows still reading their prompt bring a chunk of it (the shortest
+prompts first, within a per-step token budget). So a new message starts within one
+step of arriving, a long prompt is read in pieces between everyone else's tokens,
+a row leaves the moment it ends or its reader goes away, and no row is padded to
+another's length. Each conversation's cache is kept between turns
+(`bot.kvcache.PrefixStore`), so a turn reads only its new tokens.
+
+Greedy decoding gives, token for token, what `model.generate` gives on the same
+prompt in fp32 (tests/test_scheduler.py), whatever rows join or leave meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from bot import metrics
+from bot.detokenize import TextStream
+from bot.kvcache import ModelShape, Prefix, PrefixStore, RaggedStep, SlotPool, common_prefix
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Row:
+    """One reply being generated."""
+
+    prompt: list[int]
+    key: str  # the conversation, for its cached prefix; "" = no reuse
+    sink: Callable[[str], None]  # text as it is decoded (called on the worker thread)
+    stop: threading.Event
+    finish: Callable[[str | None, BaseException | None], None]  # once, at the end
+    tokens: list[int] = field(default_factory=list)  # prompt + generated so far
+    filled: int = 0  # leading tokens whose keys/values are in the slot
+    generated: int = 0
+    slot: int = -1
+    text: TextStream | None = None
+    reused: int = 0  # prompt tokens taken from the cache
+
+
+class Scheduler:
+    """Runs rows in steps on its own thread; `submit` is safe from any thread."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_new_tokens: int,
+        capacity: int,
+        eos: set[int],
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        max_rows: int = 16,
+        step_tokens: int = 256,
+        cache_bytes: int = 1 << 30,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.capacity = capacity
+        self.eos = eos
+        self.max_rows = max_rows
+        self.step_tokens = max(step_tokens, max_rows)
+        self.shape = ModelShape.of(model)
+        self.store = PrefixStore(cache_bytes)
+        self._pool: SlotPool | None = None
+        self._rows: list[Row] = []
+        self._inbox: deque[Row] = deque()
+        self._forget: deque[str] = deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._greedy = temperature <= 0
+        processors: list[Any] = []
+        if repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+        if not self._greedy:
+            processors.append(TemperatureLogitsWarper(temperature))
+            if top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p))
+        self._processors = LogitsProcessorList(processors)
+        self.steps = 0  # for tests and the bench
+        self.max_running = 0
+        self.reused_tokens = 0  # prompt tokens read from conversations' caches
+
+    # -- from any thread ---------------------------------------------------------
+
+    def submit(self, row: Row) -> None:
+        if len(row.prompt) + 1 > self.capacity:
+            raise ValueError(f"prompt of {len(row.prompt)} tokens over capacity {self.capacity}")
+        with self._wake:
+            if self._closing:
+                raise RuntimeError("the scheduler is closed")
+            self._inbox.append(row)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="generate", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def forget(self, key: str) -> None:
+        """Drop a conversation's cached prefix (done between steps, on the worker)."""
+        with self._wake:
+            self._forget.append(key)
+            self._wake.notify()
+
+    def close(self, timeout: float) -> bool:
+        """Stop every row (their readers get what was written) and the thread.
+        Blocking: call it off the event loop. False if the thread outlived `timeout`."""
+        with self._wake:
+            self._closing = True
+            for row in [*self._rows, *self._inbox]:
+                row.stop.set()
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    # -- the worker thread -------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._inbox or self._rows or self._forget or self._closing):
+                    self._wake.wait()
+                while self._forget:
+                    self.store.forget(self._forget.popleft())
+                if self._closing and not self._rows and not self._inbox:
+                    return
+                arrivals: list[Row] = []
+                while self._inbox and len(self._rows) + len(arrivals) < self.max_rows:
+                    arrivals.append(self._inbox.popleft())
+            for row in arrivals:
+                self._admit(row)
+            self._retire([r for r in self._rows if r.stop.is_set()])
+            if not self._rows:
+                continue
+            plan = self._plan()
+            try:
+                self._step(plan)
+            except Exception as exc:
+                if len(plan) == 1:
+                    self._fail(plan[0][0], exc)
+                    continue
+                # One bad row must not fail the others: each runs its part alone, so
+                # only the culprit gets the error.
+                log.warning("A step of %d rows failed; running each alone", len(plan))
+                for part in plan:
+                    try:
+                        self._step([part])
+                    except Exception as exc:
+                        self._fail(part[0], exc)
+
+    def _fail(self, row: Row, error: Exception) -> None:
+        self._release(row, keep=False)
+        row.finish(None, error)
+
+    def _admit(self, row: Row) -> None:
+        if self._pool is None:
+            self._pool = SlotPool(self.shape, self.max_rows, self.capacity)
+        row.slot = len(self._rows)
+        row.tokens = list(row.prompt)
+        row.text = TextStream(self.tokenizer, row.sink)
+        cached = self.store.take(row.key) if row.key else None
+        if cached is not None:
+            # At least the prompt's last token is read again: its logits start the reply.
+            reuse = min(common_prefix(cached.ids, row.prompt), len(row.prompt) - 1)
+            if reuse > 0:
+                self._pool.load(row.slot, cached.kv, reuse)
+                row.filled = row.reused = reuse
+                self.reused_tokens += reuse
+        self._rows.append(row)
+        self.max_running = max(self.max_running, len(self._rows))
+
+    def _plan(self) -> list[tuple[Row, int]]:
+        """How many tokens each row reads this step: 1 when decoding, a chunk of its
+        prompt otherwise, shortest remaining prompt first, within `step_tokens`."""
+        decoding = [r for r in self._rows if len(r.tokens) - r.filled == 1]
+        budget = self.step_tokens - len(decoding)
+        plan = [(r, 1) for r in decoding]
+        reading = sorted(
+            (r for r in self._rows if len(r.tokens) - r.filled > 1),
+            key=lambda r: len(r.tokens) - r.filled,
+        )
+        for row in reading:
+            if budget <= 0:
+                break
+            count = min(len(row.tokens) - row.filled, budget)
+            plan.append((row, count))
+            budget -= count
+        return sorted(plan, key=lambda item: item[0].slot)
+
+    def _step(self, plan: list[tuple[Row, int]]) -> None:
+        assert self._pool is not None
+        ids: list[int] = []
+        spans, sampling, last = [], [], 0
+        for row, count in plan:
+            ids += row.tokens[row.filled : row.filled + count]
+            spans.append((row.slot, row.filled, count))
+            last += count
+            if row.filled + count == len(row.tokens):
+                sampling.append((row, last - 1))
+        step = RaggedStep(self._pool, spans)
+        device = self._pool.keys.device
+        keep = torch.tensor([i for _, i in sampling], dtype=torch.long, device=device)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.tensor([ids], device=device),
+                position_ids=step.position_ids,
+                # A 4D mask is taken as given: no mask is built for the flat sequence;
+                # the ragged attention knows each row's extent.
+                attention_mask=torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device),
+                use_cache=False,
+                logits_to_keep=keep,
+                ragged=step,
+            )
+            self.steps += 1
+            for row, count in plan:
+                row.filled += count
+            logits = out.logits[0].float()
+            for (row, _), scores in zip(sampling, logits, strict=True):
+                self._advance(row, self._choose(row, scores))
+
+    def _choose(self, row: Row, scores: torch.Tensor) -> int:
+        scores = scores.unsqueeze(0)
+        if self._processors:
+            context: Any = torch.tensor([row.tokens], device=scores.device)
+            scores = self._processors(context, scores)
+        if self._greedy:
+            return int(scores.argmax(-1).item())
+        probabilities = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probabilities, 1).item())
+
+    def _advance(self, row: Row, token: int) -> None:
+        assert row.text is not None
+        row.generated += 1
+        metrics.TOKENS.inc()
+        ended = token in self.eos
+        if not ended:
+            row.tokens.append(token)
+            row.text.add(token)
+        if ended or row.generated >= self.max_new_tokens or len(row.tokens) >= self.capacity:
+            text = row.text.close()
+            row.text = None  # retired after this step
+            self._release(row)
+            row.finish(text, None)
+
+    def _retire(self, rows: list[Row]) -> None:
+        """Rows whose reader went away (or that just ended) leave now."""
+        for row in rows:
+            if row.text is not None:  # stopped by its reader: it gets what it has
+                text = row.text.close()
+                row.text = None
+                self._release(row)
+                row.finish(text, None)
+
+    def _release(self, row: Row, keep: bool = True) -> None:
+        """Keep the row's cache for its conversation's next turn and free its slot."""
+        assert self._pool is not None
+        if row not in self._rows:
+            return
+        if keep and row.key and row.filled > 0:
+            kv = self._pool.save(row.slot, row.filled)
+            self.store.put(row.key, Prefix(row.tokens[: row.filled], kv))
+        # Keep slots dense: the last running row moves into the freed slot.
+        index = self._rows.index(row)
+        moved = self._rows[-1]
+        if moved is not row:
+            self._pool.move(moved.slot, row.slot, moved.filled)
+            moved.slot = row.slot
+            self._rows[index] = moved
+        self._rows.pop()
+        metrics.KV_CACHE_BYTES.set(self.store.nbytes)
+
+
+def wait_idle(scheduler: Scheduler, timeout: float = 10.0) -> None:
+    """For tests: until no row runs."""
+    deadline = time.monotonic() + timeout
+    while scheduler.running and time.monotonic() < deadline:
+        time.sleep(0.01)

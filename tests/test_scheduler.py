@@ -1,0 +1,166 @@
+"""The step scheduler on the real bundled model, in fp32 and greedy: every reply is,
+token for token, what a bare `model.generate` gives on the same prompt, whatever
+rows join or leave meanwhile, and with each conversation's cache reused across turns,
+after trimming and after eviction."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from bot.engine import BUSY, Engine
+from bot.generation import Generator
+from bot.memory import InProcessMemory
+from bot.messages import ConversationKey, Message, Turn
+from bot.model import LoadedModel, load_model
+from bot.prompt import Prompt
+from bot.scheduler import Scheduler
+from tests.conftest import greedy, make_settings
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def fp32(model_cache_dir: Any) -> LoadedModel:
+    return load_model(make_settings(model_cache_dir=model_cache_dir, dtype="fp32"))
+
+
+def msg(text: str, channel: str) -> Message:
+    return Message(ConversationKey("test", channel), "u1", "User", text)
+
+
+def bare(generator: Generator, history: list[Turn], text: str) -> str:
+    """`model.generate` alone on the prompt the engine builds (bot.batching's path)."""
+    return generator.generate(generator.prepare(history, text))
+
+
+def scheduler_of(engine: Engine) -> Scheduler:
+    scheduler = getattr(engine.backend, "scheduler", None)
+    assert isinstance(scheduler, Scheduler)
+    return scheduler
+
+
+async def test_rows_joining_and_leaving_match_generate(fp32: LoadedModel) -> None:
+    # Small prompt chunks: every prompt is read over several steps, between the
+    # other rows' decoding.
+    generator = greedy(fp32, max_new_tokens=24, prefill_chunk_tokens=16)
+    engine = Engine(generator, InProcessMemory(20, 600))
+    questions = {
+        "a": "What is the capital of France?",
+        "b": "Write one sentence about the sea and the sky at night.",
+        "c": "Name a colour.",
+        "d": "What is 2 plus 2?",
+    }
+    leaver = engine.stream(msg("Tell me a very long story about dragons.", "gone"))
+    chunks = aiter(leaver)
+    await anext(chunks)  # running; it leaves after the others have joined
+
+    async def ask(channel: str, delay: float) -> str:
+        await asyncio.sleep(delay)
+        return (await engine.reply(msg(questions[channel], channel))).text
+
+    tasks = [asyncio.create_task(ask(c, 0.2 * i)) for i, c in enumerate(questions)]
+    await asyncio.sleep(0.3)
+    await leaver.aclose()
+    replies = dict(zip(questions, await asyncio.gather(*tasks), strict=True))
+    scheduler = scheduler_of(engine)
+    assert scheduler.max_running > 1, "rows ran together"
+    for channel, text in questions.items():
+        assert replies[channel] == bare(generator, [], text).strip(), channel
+    assert "Paris" in replies["a"]
+    await engine.close()
+
+
+async def test_cache_reused_across_turns_trimmed_and_evicted(fp32: LoadedModel) -> None:
+    generator = greedy(fp32, max_new_tokens=16)
+    # Four turns kept: from the third message on, the oldest exchange is trimmed and
+    # the prompt's prefix changes after the system prompt.
+    memory = InProcessMemory(4, 600)
+    engine = Engine(generator, memory)
+    scheduler = scheduler_of(engine)
+    key = ConversationKey("test", "talk")
+    for i, text in enumerate(
+        ["Hello! Who are you?", "What is the sea?", "Name a fruit.", "And a vegetable?"]
+    ):
+        history = await memory.history(key)
+        reused_before = scheduler.reused_tokens
+        reply = await engine.reply(msg(text, "talk"))
+        assert reply.text == bare(generator, history, text).strip(), f"turn {i + 1}"
+        if i == 1:
+            # Turn 2 reads only its new tokens: turn 1's prompt and reply came from the cache.
+            prompt = generator.prepare(history, text).input_ids
+            assert scheduler.reused_tokens - reused_before > len(prompt) // 2
+    await engine.close()
+
+    # A budget too small for any conversation: every turn rebuilt, same replies.
+    evicting = greedy(fp32, max_new_tokens=16, kv_cache_mb=0)
+    engine = Engine(evicting, InProcessMemory(20, 600))
+    turns: list[Turn] = []
+    for text in ["Hello! Who are you?", "What is the sea?"]:
+        reply = await engine.reply(msg(text, "talk"))
+        assert reply.text == bare(evicting, turns, text).strip()
+        turns += [Turn("user", text), Turn("assistant", reply.text)]
+    assert scheduler_of(engine).reused_tokens == 0
+    await engine.close()
+
+
+async def test_reset_forgets_the_cache(fp32: LoadedModel) -> None:
+    engine = Engine(greedy(fp32, max_new_tokens=8), InProcessMemory(20, 600))
+    scheduler = scheduler_of(engine)
+    await engine.reply(msg("Hello!", "r"))
+    assert len(scheduler.store) == 1
+    await engine.reset(ConversationKey("test", "r"))
+    await engine.reply(msg("Hello!", "other"))  # the forget is applied between steps
+    assert len(scheduler.store) == 1  # only "other" is left
+    await engine.close()
+
+
+async def test_reader_going_away_frees_its_place_at_once(fp32: LoadedModel) -> None:
+    # One row at a time: had the first row kept its place, the second would wait
+    # for all 200 of its tokens.
+    engine = Engine(greedy(fp32, max_new_tokens=200, batch_size=1), InProcessMemory(20, 600))
+    scheduler = scheduler_of(engine)
+    first = engine.stream(msg("Count from one to one thousand, in words.", "a"))
+    chunks = aiter(first)
+    await anext(chunks)
+    await first.aclose()
+    second = await engine.reply(msg("Name a colour.", "b"))
+    assert second.ok
+    assert scheduler.steps < 200
+    assert scheduler.running == 0
+    await engine.close()
+
+
+async def test_flood_past_max_queue_gets_the_busy_answer(fp32: LoadedModel) -> None:
+    engine = Engine(greedy(fp32, max_new_tokens=8), InProcessMemory(20, 600), max_queue=3)
+    replies = await asyncio.gather(*(engine.reply(msg("Hi!", f"c{i}")) for i in range(8)))
+    busy = [r for r in replies if r.text == BUSY]
+    assert len(busy) == 5 and all(not r.ok for r in busy)
+    assert all(r.ok for r in replies if r.text != BUSY)
+    await engine.close()
+
+
+async def test_a_failing_row_fails_alone(fp32: LoadedModel) -> None:
+    """A prompt the model cannot read (a token id past its vocabulary) gets the
+    apology; the rows stepping with it are answered."""
+    generator = greedy(fp32, max_new_tokens=12)
+    engine = Engine(generator, InProcessMemory(20, 600))
+    original = generator.prepare
+
+    def poisoned(history: Sequence[Turn], text: str, system: str | None = None) -> Prompt:
+        prompt = original(history, text, system)
+        if "poison" in text:
+            return dataclasses.replace(prompt, input_ids=[10**9, *prompt.input_ids])
+        return prompt
+
+    generator.prepare = poisoned  # type: ignore[method-assign,assignment]
+    good = [asyncio.create_task(engine.reply(msg(f"Say hello {i}.", f"g{i}"))) for i in range(3)]
+    await asyncio.sleep(0.05)
+    bad = await engine.reply(msg("poison", "bad"))
+    assert not bad.ok
+    assert all(r.ok for r in await asyncio.gather(*good))
+    await engine.close()
