@@ -106,6 +106,17 @@ class Setup:
         memory = self.memory(max_turns or self.settings.memory_max_turns)
         return Engine.from_settings(self.make_runner(), memory, self.settings)
 
+    async def start(self, max_turns: int | None = None) -> Engine:
+        """An engine that has answered one short message: one-off costs of a new
+        engine (threads, buffers) are not charged to the first figure measured."""
+        engine = self.engine(max_turns)
+        try:
+            await answered(engine, new_key("warm"), "Hi!")
+        except BaseException:
+            await engine.close()
+            raise
+        return engine
+
     def tags(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "threads": self.threads}
 
@@ -360,7 +371,7 @@ def dtype_name(model: Any) -> str:
 async def closed_loop(setup: Setup, chats: list[list[str]], budget_s: float, label: str) -> Run:
     """`len(chats)` conversations at once, each sending its next message when the
     previous reply is complete, as an adapter would."""
-    engine = setup.engine()
+    engine = await setup.start()
     try:
         run = Run(label, len(chats), **setup.tags())
         run.planned = sum(len(turns) for turns in chats)
@@ -421,7 +432,7 @@ async def open_loop(
     each message's arrival. Replies still running `drain_s` after the last arrival are
     stopped; their time to first token counts as the time waited (a lower bound).
     Messages the engine refuses (busy) are counted apart, not as fast replies."""
-    engine = setup.engine()
+    engine = await setup.start()
     try:
         schedule = arrival_times(count, rate, window_s, seed)
         ttfts: list[float] = []
@@ -480,7 +491,7 @@ async def long_history(
     """A conversation whose first turn is a long pasted text (stored through the
     engine, as a real turn), then short questions; each question is also asked in a
     fresh conversation, alternately, so that drift touches both alike."""
-    engine = setup.engine(max_turns=2 * len(questions) + 2)
+    engine = await setup.start(max_turns=2 * len(questions) + 2)
     try:
         key = new_key("paste")
         out: dict[str, Any] = {"paste_chars": len(paste), **setup.tags()}
@@ -518,7 +529,7 @@ async def head_of_line(
 ) -> dict[str, Any]:
     """A one-line question arriving `delay_s` after another conversation's long
     message, against the same question alone (alternately, `reps` times each)."""
-    engine = setup.engine()
+    engine = await setup.start()
     try:
         alone: list[float] = []
         behind: list[float] = []
@@ -556,7 +567,7 @@ async def turn_by_turn(
 ) -> dict[str, Any]:
     """Time to first token at each turn of one conversation that keeps its whole
     history; with several repetitions, the fastest at each turn (noise only adds)."""
-    engine = setup.engine(max_turns=2 * len(turns))
+    engine = await setup.start(max_turns=2 * len(turns))
     try:
         runs: list[list[float]] = []
         out: dict[str, Any] = {**setup.tags()}
@@ -594,7 +605,7 @@ async def single_vs_bare(
     machine's speed touches both alike."""
     import torch
 
-    engine = setup.engine()
+    engine = await setup.start()
     try:
         tokenizer = loaded.tokenizer
         chat = [
