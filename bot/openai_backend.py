@@ -407,8 +407,13 @@ class OpenAIBackend(Backend):
         """Whether the server answers HTTP at all (for readiness checks). Any answer
         counts: servers differ in what their model list returns (`transformers serve`
         answers 500 without a hub cache)."""
+        # A bound of its own: the session has no total limit (streams), and a server
+        # that accepts connections but never answers is not ready.
+        limit = aiohttp.ClientTimeout(total=min(10.0, self.first_token_timeout))
         try:
-            async with self._client().get(self.url.rsplit("/chat/", 1)[0] + "/models"):
+            async with self._client().get(
+                self.url.rsplit("/chat/", 1)[0] + "/models", timeout=limit
+            ):
                 return True
         except (aiohttp.ClientError, TimeoutError):
             return False

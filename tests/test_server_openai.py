@@ -83,6 +83,7 @@ class FakeLLM:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._complete)
+        app.router.add_get("/v1/models", self._models)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -92,6 +93,13 @@ class FakeLLM:
     async def stop(self) -> None:
         if self._runner:
             await self._runner.cleanup()
+
+    models_hang = False
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        if self.models_hang:
+            await asyncio.sleep(2)  # past the readiness limit
+        return web.json_response({"object": "list", "data": [{"id": "fake"}]})
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -455,3 +463,11 @@ async def test_odd_memory_cap_never_sends_a_reply_first(llm: FakeLLM) -> None:
     roles = [m["role"] for m in llm.requests[-1]["messages"]]
     assert roles[:2] == ["system", "user"]
     await engine.close()
+
+
+async def test_readiness_is_bounded_when_the_server_never_answers(llm: FakeLLM) -> None:
+    backend = backend_for(llm, openai_timeout_seconds=0.5)
+    assert await backend.ready()
+    llm.models_hang = True
+    assert not await asyncio.wait_for(backend.ready(), 5)
+    await backend.close()
