@@ -172,10 +172,9 @@ class FakeDiscord(FakeServer[Call]):
                 self.deleted.add(message_id)
                 return web.Response(status=204)
             reference = (body or {}).get("message_reference") or {}
-            if str(reference.get("message_id")) in self.deleted:
-                if reference.get("fail_if_not_exists", True):
-                    return json_response(UNKNOWN_REFERENCE, 400)
-                # else Discord posts it as a plain message
+            gone = str(reference.get("message_id")) in self.deleted
+            if gone and reference.get("fail_if_not_exists", True):
+                return json_response(UNKNOWN_REFERENCE, 400)  # else: posted as a plain message
             call.response = self.message(channel, message_id, body or {})
             return json_response(call.response)
         if parts[0] == "interactions":
