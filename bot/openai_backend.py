@@ -253,7 +253,10 @@ class OpenAIBackend(Backend):
             except ServerError as exc:
                 # Retry only before any text went out: a user never sees a reply twice.
                 if not exc.retriable or sent_any or attempt >= self.retries:
-                    self._failed(exc) if exc.retriable else self._refused(exc)
+                    if exc.retriable:
+                        self._failed(exc)  # one line per outage
+                    else:
+                        self._refused(exc)  # one line per refused request
                     raise
                 attempt += 1
                 await asyncio.sleep(0.5 * 2 ** (attempt - 1))
