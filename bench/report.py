@@ -301,7 +301,8 @@ def _workload_lines(results: dict[str, Any]) -> list[str]:
         out += [
             "",
             f"Long history ({_tags(paste)}): a {paste['paste_chars']:,}-character paste "
-            f"(reply {paste['paste_reply_s']} s, input cut to fit: {paste['paste_truncated']}), "
+            f"(first token {paste['paste_ttft_s']} s, reply {paste['paste_reply_s']} s, "
+            f"cut to fit: {paste['paste_truncated']}), "
             "then short questions",
             f"  first token after the paste: {paste['after_paste_ttft_s']} s; "
             f"in a fresh conversation: {paste['fresh_ttft_s']} s",
@@ -313,8 +314,8 @@ def _workload_lines(results: dict[str, Any]) -> list[str]:
             f"Head of line ({_tags(hol)}): a one-line question {hol['delay_s']} s after "
             f"a {hol['long_chars']:,}-character message in another conversation",
             f"  first token behind it: {hol['behind_long_ttft_s']} s; alone: "
-            f"{hol['alone_ttft_s']} s; the long message's first chunk: "
-            f"{hol['long_first_chunk_s']} s",
+            f"{hol['alone_ttft_s']} s; the long message's first token: {hol['long_ttft_s']} s "
+            f"(cut to fit: {hol.get('long_truncated')})",
         ]
     turns = results.get("turns") or {}
     if turns.get("at"):
