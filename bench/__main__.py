@@ -103,10 +103,10 @@ PLANS = {
     # under ~3 minutes.
     "quick": Plan(
         max_new=24, ttft_new=16, turns_per_chat=2, levels=(1, 4, 16), closed_budget_s=45,
-        seed_people=16, seed_budget_s=15, open_multiples=(0.5, 1, 3), open_max=12,
-        open_window_s=10, open_drain_s=12, paste_chars=12_000, paste_questions=2,
+        seed_people=16, seed_budget_s=12, open_multiples=(0.5, 1, 3), open_max=12,
+        open_window_s=8, open_drain_s=10, paste_chars=12_000, paste_questions=2,
         paste_budget_s=30, hol_reps=1, hol_budget_s=30, turn_count=20, turn_reps=1,
-        turn_budget_s=30, single_reps=3, single_budget_s=20, startup_reps=1, llama_budget_s=20,
+        turn_budget_s=25, single_reps=3, single_budget_s=20, startup_reps=1, llama_budget_s=20,
     ),
     # A smoke test of the bench itself (--tiny, not in --help): the figures mean nothing.
     "tiny": Plan(
