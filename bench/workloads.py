@@ -589,11 +589,13 @@ async def turn_by_turn(
                         break
                     result = await answered(engine, key, text)
                     firsts.append(result.ttft_s or result.total_s)
-                runs.append(firsts)
+                if firsts:
+                    runs.append(firsts)
     finally:
         await engine.close()
-    reached = min(len(r) for r in runs) if runs else 0
-    by_turn = [min(r[n] for r in runs) for n in range(reached)]
+    # Each turn: the fastest of the repetitions that reached it.
+    reached = max((len(r) for r in runs), default=0)
+    by_turn = [min(r[n] for r in runs if len(r) > n) for n in range(reached)]
     out.update(
         repetitions=len(runs),
         ttft_by_turn_s=[round(t, 3) for t in by_turn],
