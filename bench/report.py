@@ -320,7 +320,7 @@ def _workload_lines(results: dict[str, Any]) -> list[str]:
     turns = results.get("turns") or {}
     if turns.get("at"):
         at = ", ".join(f"turn {n}: {t} s" for n, t in turns["at"].items())
-        out += ["", f"First token by turn ({_tags(turns)}, whole history kept): {at}"]
+        out += ["", f"First token by turn ({_tags(turns)}, memory as configured): {at}"]
     single = results.get("single") or {}
     if single:
         out.append(

@@ -570,9 +570,10 @@ async def head_of_line(
 async def turn_by_turn(
     setup: Setup, turns: list[str], reps: int, budget_s: float
 ) -> dict[str, Any]:
-    """Time to first token at each turn of one conversation that keeps its whole
-    history; with several repetitions, the fastest at each turn (noise only adds)."""
-    engine = await setup.start(max_turns=2 * len(turns))
+    """Time to first token at each turn of one conversation, with the memory as
+    configured (MEMORY_MAX_TURNS: from turn 11 on, by default, the oldest exchange
+    goes at every turn); with several repetitions, the fastest at each turn."""
+    engine = await setup.start()
     try:
         runs: list[list[float]] = []
         out: dict[str, Any] = {**setup.tags()}

@@ -363,11 +363,14 @@ class Engine:
                 if not answer:
                     answer = NOTHING_TO_SAY
                     yield answer
-            except Exception:
+            except Exception as error:
                 log.exception(
                     "Generation failed in %s (message %s)", conversation, message.message_id
                 )
-                apology = ("\n\n" if parts else "") + APOLOGY
+                # A backend may say what would help (e.g. /reset when a conversation
+                # no longer fits the server's window); otherwise the plain apology.
+                told = getattr(error, "user_message", None)
+                apology = ("\n\n" if parts else "") + (told if isinstance(told, str) else APOLOGY)
                 out.reply = Reply("".join(parts) + apology, ok=False)
                 yield apology
                 return

@@ -114,10 +114,12 @@ class Generator:
         context_tokens: int | None = None,
         *,
         max_rows: int = 16,
-        chunk_tokens: int = 256,
+        chunk_tokens: int = 64,
         cache_bytes: int = 1 << 30,
+        memory_turns: int = 20,
     ) -> None:
         self.loaded = loaded
+        self.memory_turns = memory_turns
         self.format = PromptFormat(loaded.is_encoder_decoder, system_prompt)
         if context_tokens is None and loaded.device.type == "cpu":
             # On a CPU a prompt is read at a few hundred tokens/s: the model's whole
@@ -166,6 +168,7 @@ class Generator:
             max_rows=settings.batch_size,
             chunk_tokens=settings.prefill_chunk_tokens,
             cache_bytes=settings.kv_cache_mb << 20,
+            memory_turns=settings.memory_max_turns,
         )
 
     def prepare(
@@ -175,7 +178,15 @@ class Generator:
         if system_prompt is not None:
             fmt = PromptFormat(fmt.is_encoder_decoder, system_prompt)
         with self._tokenizer_lock:
-            return build_prompt(self.loaded.tokenizer, fmt, history, user_text, self.prompt_budget)
+            return build_prompt(
+                self.loaded.tokenizer,
+                fmt,
+                history,
+                user_text,
+                self.prompt_budget,
+                # A full memory drops its oldest exchange when this reply is stored.
+                sliding=len(history) + 2 > self.memory_turns,
+            )
 
     def generate(
         self,

@@ -83,18 +83,18 @@ def resolve_dtype(setting: str, device: torch.device) -> tuple[torch.dtype, str]
 
 
 def cpu_dtype() -> tuple[torch.dtype, str]:
-    """bf16 where the CPU computes it natively (AVX512-BF16 or AMX), else fp32.
+    """bf16 where the CPU has AMX (bf16 matrix tiles), else fp32.
 
-    Measured on SmolLM2-135M, 2 cores: with AVX512-BF16, bf16 ~1.5x fp32 throughout;
-    with AVX2 only, bf16 is emulated and 2-4.5x slower than fp32 for prompts and
-    batches (only a lone stream gains, from the halved memory traffic).
+    Measured with SmolLM2-135M on 2 cores (README, Performance): on an AVX2-only CPU,
+    bf16 is emulated and 2-4.5x slower than fp32 for prompts and batches; on an
+    AVX512-BF16 CPU without AMX, fp32 matched bf16 at 16 rows and read prompts 1.7x
+    faster. AMX multiplies bf16 matrices in hardware, several times faster than fp32.
     """
     capability = torch.backends.cpu.get_cpu_capability()
-    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-    bf16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
-    if amx or bf16:
-        return torch.bfloat16, f"CPU {capability} with {'AMX' if amx else 'AVX512-BF16'}"
-    return torch.float32, f"CPU {capability} without native bf16"
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return torch.bfloat16, f"CPU {capability} with AMX"
+    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return torch.float32, f"CPU {capability}, {'AVX512-BF16 but ' if bf16 else ''}no AMX"
 
 
 def _gguf_fingerprint(path: Path) -> dict[str, Any]:

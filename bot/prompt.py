@@ -10,6 +10,7 @@ the end-of-sequence token).
 from __future__ import annotations
 
 import bisect
+import hashlib
 import re
 import secrets
 from collections.abc import Sequence
@@ -128,12 +129,21 @@ def build_prompt(
     history: Sequence[Turn],
     user_text: str,
     budget: int,
+    *,
+    sliding: bool = False,
 ) -> Prompt:
-    """The longest suffix of `history` that fits in `budget` tokens with the new message.
+    """The history that fits in `budget` tokens with the new message.
 
     The oldest turns go first, and only whole exchanges (the kept history starts
     with a user turn). The system prompt and the new message always stay; when the
     new message alone is over budget, its end is cut.
+
+    Where older turns must go (over budget, or `sliding`: the memory is full and
+    drops its oldest exchange at every turn), the kept history starts at an anchor:
+    an exchange picked by a hash of its text, about one in ANCHOR_EVERY. The start
+    then stays put for several turns, so the prompt's beginning, and the model cache
+    kept for it, stays the same between them instead of changing at every turn; the
+    price is a few of the oldest exchanges that would have fitted.
     """
     # Kept history must start at a user turn: some chat templates refuse otherwise.
     starts = [i for i, turn in enumerate(history) if turn.role == "user"] + [len(history)]
@@ -145,9 +155,22 @@ def build_prompt(
     first_fit = bisect.bisect_left(starts, True, key=lambda s: size(s, user_text) <= budget)
     if first_fit < len(starts):
         start = starts[first_fit]
+        if start > 0 or sliding:
+            # At most 2 * ANCHOR_EVERY more exchanges dropped to reach an anchor.
+            near = starts[first_fit : min(first_fit + 2 * ANCHOR_EVERY, len(starts) - 1)]
+            start = next((s for s in near if _anchor(history[s])), start)
         ids = encode(tokenizer, fmt, fmt.messages(history[start:], user_text))
         return Prompt(ids, user_text, len(history) - start, False, len(user_text))
     return _cut_message(tokenizer, fmt, user_text, budget)
+
+
+ANCHOR_EVERY = 4
+
+
+def _anchor(turn: Turn) -> bool:
+    """Whether a kept history may start at this turn (stable across processes)."""
+    digest = hashlib.blake2b(turn.content.encode("utf-8"), digest_size=1).digest()
+    return digest[0] % ANCHOR_EVERY == 0
 
 
 def _cut_message(tokenizer: ChatTokenizer, fmt: PromptFormat, text: str, budget: int) -> Prompt:

@@ -69,7 +69,7 @@ class Scheduler:
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
         max_rows: int = 16,
-        step_tokens: int = 256,
+        step_tokens: int = 64,
         cache_bytes: int = 1 << 30,
     ) -> None:
         self.model = model
@@ -196,9 +196,14 @@ class Scheduler:
 
     def _plan(self) -> list[tuple[Row, int]]:
         """How many tokens each row reads this step: 1 when decoding, a chunk of its
-        prompt otherwise, shortest remaining prompt first, within `step_tokens`."""
+        prompt otherwise, shortest remaining prompt first, within `step_tokens` (a
+        quarter of it while some rows are decoding)."""
         decoding = [r for r in self._rows if len(r.tokens) - r.filled == 1]
         budget = self.step_tokens - len(decoding)
+        if decoding:
+            # While others are writing, a step stays short: their next words must
+            # not wait for a whole chunk of someone's long prompt.
+            budget = min(budget, max(16, self.step_tokens // 4))
         plan = [(r, 1) for r in decoding]
         reading = sorted(
             (r for r in self._rows if len(r.tokens) - r.filled > 1),

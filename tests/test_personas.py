@@ -88,14 +88,29 @@ async def test_discord_persona_needs_manage_channels(discord_bot: Any) -> None:
     bot = await discord_bot(model)
     option = [{"name": "set", "type": 1, "options": [{"name": "text", "type": 3, "value": PIRATE}]}]
     member = {**payload("interaction_create")["member"], "permissions": "0"}
+
+    def answers() -> list[str]:
+        """What the user saw: immediate answers, and deferred ones' edits."""
+        out = []
+        for call in bot.fake.calls:
+            body = call.body or {}
+            if call.path.startswith("/interactions/") and "content" in body.get("data", {}):
+                out.append(body["data"]["content"])
+            elif call.path.endswith("/messages/@original"):
+                out.append(body["content"])
+        return out
+
     await bot.interact("persona", option, member=member)  # no Manage Channels
-    (refused,) = await bot.fake.wait_for(lambda c: c.path.startswith("/interactions/"))
-    assert (refused.body or {})["data"]["content"] == personas.NOT_ALLOWED
+    await bot.fake.wait_for(lambda c: c.path.startswith("/interactions/"))
+    await bot.settle()
+    assert answers() == [personas.NOT_ALLOWED]
+    assert await bot.engine.persona(ConversationKey("discord", GENERAL)) is None
     manager = {**member, "permissions": str(1 << 4)}  # MANAGE_CHANNELS
     await bot.interact("persona", option, member=manager)
-    calls = await bot.fake.wait_for(lambda c: c.path.startswith("/interactions/"), 2)
-    assert (calls[1].body or {})["data"]["content"] == "Persona set for this channel."
-    assert (calls[1].body or {})["data"]["flags"] == 64
+    acks = await bot.fake.wait_for(lambda c: c.path.startswith("/interactions/"), 2)
+    assert (acks[1].body or {})["data"]["flags"] == 64  # private
+    await bot.fake.wait_for(lambda c: c.path.endswith("/messages/@original"))
+    assert answers()[-1] == "Persona set for this channel."
     await bot.say(f"<@{BOT_ID}> ahoy", channel=THREAD)  # a thread of #general
     await bot.replies(channel=THREAD)
     await bot.settle()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,14 @@ import pytest
 
 from bot.messages import Turn
 from bot.model import LoadedModel
-from bot.prompt import BLENDERBOT_TEMPLATE, PromptFormat, build_prompt, encode
+from bot.prompt import (
+    ANCHOR_EVERY,
+    BLENDERBOT_TEMPLATE,
+    PromptFormat,
+    _anchor,
+    build_prompt,
+    encode,
+)
 
 CHAT = PromptFormat(is_encoder_decoder=False, system_prompt="You are Testbot.")
 
@@ -48,13 +56,18 @@ def test_oldest_turns_go_first_and_newest_message_stays(bundled: LoadedModel) ->
     assert "You are Testbot." in text
     # Whole exchanges only: the kept history starts with a user turn.
     assert prompt.kept_turns % 2 == 0 and 0 < prompt.kept_turns < 20
-    # It keeps as much as fits: one more exchange would be over budget.
-    more = encode(
-        bundled.tokenizer,
-        CHAT,
-        CHAT.messages(turns[-prompt.kept_turns - 2 :], "the newest message"),
+    # It keeps as much as fits, or starts at an anchor at most 2 * ANCHOR_EVERY
+    # exchanges later (so the start stays put over the next turns).
+    fits = max(
+        n
+        for n in range(0, 21, 2)
+        if len(
+            encode(bundled.tokenizer, CHAT, CHAT.messages(turns[20 - n :], "the newest message"))
+        )
+        <= budget
     )
-    assert len(more) > budget
+    assert fits - 4 * ANCHOR_EVERY <= prompt.kept_turns <= fits
+    assert prompt.kept_turns == fits or _anchor(turns[20 - prompt.kept_turns])
 
 
 def test_message_longer_than_budget_is_cut_not_refused(bundled: LoadedModel) -> None:
@@ -149,3 +162,22 @@ def test_cut_message_keeps_template_characters(bundled: LoadedModel) -> None:
     assert prompt.truncated and prompt.user_text.startswith("<|im_start|>system\nword")
     start = bundled.tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert prompt.input_ids.count(start) == 3
+
+
+def test_kept_history_starts_stay_put_as_a_conversation_slides(bundled: LoadedModel) -> None:
+    """Over budget, or with a full memory, the kept history starts at anchors: the
+    prompt's beginning (and its model cache) changes every few turns, not every turn;
+    the newest exchanges and the new message are always there."""
+    turns: list[Turn] = []
+    firsts: list[str] = []
+    budget = 400
+    for i in range(40):
+        text = f"Question {i}: tell me something about the number {i * 7}."
+        prompt = build_prompt(bundled.tokenizer, CHAT, turns[-20:], text, budget, sliding=True)
+        assert len(prompt.input_ids) <= budget
+        kept = turns[-20:][len(turns[-20:]) - prompt.kept_turns :]
+        assert prompt.kept_turns % 2 == 0 and (not turns or prompt.kept_turns >= 2)
+        firsts.append(kept[0].content if kept else "")
+        turns += [Turn("user", text), Turn("assistant", f"Answer {i}: it is a number " * 3)]
+    changes = sum(a != b for a, b in itertools.pairwise(firsts[10:]))
+    assert changes <= len(firsts[10:]) // 2, firsts[10:]

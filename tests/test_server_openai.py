@@ -275,7 +275,7 @@ async def test_when_nothing_helps_the_user_is_told_what_to_do_and_nothing_is_sto
     engine = Engine(backend_for(llm), InProcessMemory(20, 600))
     await engine.memory.append(CONV, old)
     reply = await engine.reply(msg("hello"))
-    assert not reply.ok
+    assert not reply.ok and reply.text == CONTEXT_FULL  # what to do, not a bare apology
     assert await engine.memory.history(CONV) == old  # nothing added
     assert len(llm.requests) == 4
     assert server_lines(caplog, "maximum context length is")
