@@ -344,7 +344,7 @@ class Engine:
         self, message: Message, text: str, out: _Outcome
     ) -> AsyncGenerator[str, None]:
         conversation = message.conversation
-        async with self._order.turn(conversation):
+        async with self._order.turn(conversation), self.memory.turn(conversation):
             started = time.perf_counter()
             history, persona = await self.memory.load(conversation)
             parts: list[str] = []

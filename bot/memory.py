@@ -15,21 +15,30 @@ An append is idempotent: it carries a token, remembered for a while under
 ``chatbot:append:{<platform>:<channel>}:<token>``, and a second run of the same append
 (a command sent again after a broken connection) stores nothing.
 
+While a message is answered, ``chatbot:lock:{<platform>:<channel>}[:<thread>]`` holds
+the conversation's lock (redis-py's Lock: a token, a 30 s expiry renewed while held), so
+processes sharing this Redis answer one message of a conversation at a time, in order.
+
 History is whole exchanges: the cap is rounded down to an even number of turns, and a
 history that starts with a reply (stored by older code) is read from its first user turn.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError
 
 from bot.messages import ConversationKey, Turn
 from bot.redis_client import REDIS_ERRORS, Outages, connect
@@ -40,6 +49,11 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "chatbot:conv:"
 PERSONA_PREFIX = "chatbot:persona:"
 APPEND_PREFIX = "chatbot:append:"
+LOCK_PREFIX = "chatbot:lock:"
+# A conversation's lock lives this long unless renewed (so a dead process frees it
+# soon), and a message waits at most this long for another process's reply.
+LOCK_SECONDS = 30
+LOCK_WAIT_SECONDS = 120
 # How long an append's token is remembered: far longer than a command's retry.
 APPEND_TOKEN_SECONDS = 600
 
@@ -75,6 +89,22 @@ def redis_key(conversation: ConversationKey) -> str:
 
 def persona_key(conversation: ConversationKey) -> str:
     return f"{PERSONA_PREFIX}{_slot(conversation)}"
+
+
+def lock_key(conversation: ConversationKey) -> str:
+    thread = f":{conversation.thread}" if conversation.thread else ""
+    return f"{LOCK_PREFIX}{_slot(conversation)}{thread}"
+
+
+async def _renew(lock: Lock) -> None:
+    """Keep a held lock alive while its reply is written (a reply can outlast it)."""
+    while True:
+        await asyncio.sleep(LOCK_SECONDS / 3)
+        try:
+            await lock.reacquire()
+        except (*REDIS_ERRORS, LockError) as exc:
+            log.warning("A conversation lock could not be renewed: %s", type(exc).__name__)
+            return
 
 
 def encode_turn(turn: Turn) -> str:
@@ -114,6 +144,11 @@ class Memory(Protocol):
 
     async def reset(self, conversation: ConversationKey) -> None:
         """Forget a conversation."""
+        ...
+
+    def turn(self, conversation: ConversationKey) -> AbstractAsyncContextManager[None]:
+        """Held while one message of the conversation is answered, across every
+        process that shares this store (one process orders its own messages)."""
         ...
 
     async def ready(self) -> bool:
@@ -170,6 +205,9 @@ class InProcessMemory:
 
     async def reset(self, conversation: ConversationKey) -> None:
         self._store.pop(str(conversation), None)
+
+    def turn(self, conversation: ConversationKey) -> AbstractAsyncContextManager[None]:
+        return nullcontext()  # one process: the engine's own order suffices
 
     async def ready(self) -> bool:
         return True
@@ -267,6 +305,36 @@ class RedisMemory:
             self._outages.failed("reset a conversation", exc)
             return
         self._outages.succeeded()
+
+    @asynccontextmanager
+    async def turn(self, conversation: ConversationKey) -> AsyncIterator[None]:
+        """A Redis lock per conversation (redis-py's: a token, so only its holder
+        releases it), renewed while held and expiring if its process dies. With
+        replicas behind a load balancer, two quick messages in one thread are then
+        answered one after the other, each with the other's exchange in its history.
+        Redis unreachable, or a lock held past LOCK_WAIT_SECONDS: the reply goes on."""
+        lock = self._redis.lock(
+            lock_key(conversation),
+            timeout=LOCK_SECONDS,
+            sleep=0.05,
+            blocking_timeout=LOCK_WAIT_SECONDS,
+            thread_local=False,
+        )
+        try:
+            held = bool(await lock.acquire())
+            if not held:
+                log.warning("Answering in %s without waiting longer for its lock", conversation)
+        except REDIS_ERRORS as exc:
+            self._outages.failed("order a conversation", exc)
+            held = False
+        renewal = asyncio.create_task(_renew(lock)) if held else None
+        try:
+            yield
+        finally:
+            if renewal is not None:
+                renewal.cancel()
+                with contextlib.suppress(*REDIS_ERRORS, LockError):
+                    await lock.release()
 
     async def ready(self) -> bool:
         try:

@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from bot.engine import Engine
 from bot.memory import InProcessMemory, Memory, RedisMemory, redis_key
-from bot.messages import ConversationKey, Turn
+from bot.messages import ConversationKey, Message, Turn
 from tests.conftest import RedisServer
+from tests.scripted import ScriptedModel
 
 A = ConversationKey("discord", "111")
 B = ConversationKey("slack", "C1", "1700000000.000100")
@@ -172,3 +174,21 @@ async def test_history_stored_by_older_code_is_read_from_its_first_user_turn(
     assert [t.content for t in (await memory.load(A))[0]] == ["u", "a"]
     await memory.close()
     await probe.aclose()
+
+
+async def test_two_processes_answer_one_conversation_in_order(redis_server: RedisServer) -> None:
+    """Two engines on one Redis (replicas behind a load balancer): two quick messages in
+    one thread are answered one after the other, the second with the first exchange in
+    its history, and stored in order."""
+    models = [ScriptedModel(lambda text: f"answer to {text}", chunk=4, delay=0.02) for _ in "ab"]
+    engines = [Engine(m, RedisMemory(redis_server.url, 20, 600)) for m in models]
+    key = ConversationKey("slack", "C1", "1712345678.000100")
+    first = asyncio.create_task(engines[0].reply(Message(key, "u1", "Ann", "one")))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(engines[1].reply(Message(key, "u2", "Bob", "two")))
+    assert (await first).ok and (await second).ok
+    stored = await engines[0].memory.history(key)
+    assert [t.content for t in stored] == ["one", "answer to one", "two", "answer to two"]
+    assert [t.content for t in models[1].histories[0]] == ["one", "answer to one"]
+    for engine in engines:
+        await engine.close()
