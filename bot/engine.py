@@ -10,6 +10,7 @@ together. Different conversations proceed concurrently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -114,7 +115,8 @@ class LocalBackend(Backend):
         stop = threading.Event()
 
         def hand_over(item: str | _End) -> None:
-            if not loop.is_closed():  # the bot may be shutting down under the thread
+            # RuntimeError: the loop closed under the worker thread (the bot is exiting).
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
         if self.scheduler is not None:
@@ -148,6 +150,9 @@ class LocalBackend(Backend):
     def forget(self, conversation: str) -> None:
         if self.scheduler is not None:
             self.scheduler.forget(conversation)
+
+    async def ready(self) -> bool:
+        return self.scheduler is None or self.scheduler.alive
 
     async def close(self) -> None:
         """Stop the running rows and the worker, waiting off the loop, bounded."""

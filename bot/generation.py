@@ -6,6 +6,8 @@ engine's worker threads, never on the event loop.
 
 from __future__ import annotations
 
+import copy
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,10 +24,13 @@ from bot.messages import Turn
 from bot.model import LoadedModel
 from bot.prompt import Prompt, PromptFormat, build_prompt
 from bot.scheduler import Scheduler
-from bot.settings import Settings
+from bot.settings import ConfigError, Settings
+
+log = logging.getLogger(__name__)
 
 # The default prompt + reply budget on a CPU (CONTEXT_TOKENS overrides it).
 CPU_CONTEXT_TOKENS = 2048
+GPU_CONTEXT_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -121,10 +126,12 @@ class Generator:
         self.loaded = loaded
         self.memory_turns = memory_turns
         self.format = PromptFormat(loaded.is_encoder_decoder, system_prompt)
-        if context_tokens is None and loaded.device.type == "cpu":
+        if context_tokens is None:
             # On a CPU a prompt is read at a few hundred tokens/s: the model's whole
-            # window (8,192 for SmolLM2) would let one message cost minutes.
-            context_tokens = CPU_CONTEXT_TOKENS
+            # window (8,192 for SmolLM2) would let one message cost minutes. On a GPU,
+            # windows of 128k tokens would make the running replies' caches too big.
+            cpu = loaded.device.type == "cpu"
+            context_tokens = CPU_CONTEXT_TOKENS if cpu else GPU_CONTEXT_TOKENS
         window = min(loaded.context_window, context_tokens or loaded.context_window)
         if loaded.is_encoder_decoder:
             # The encoder reads the prompt, the decoder writes the reply: separate windows.
@@ -141,12 +148,32 @@ class Generator:
         self._tokenizer_lock = threading.Lock()
         # Decoder-only models run in the step scheduler; encoder-decoder models
         # (BlenderBot) in batched `generate` (bot.batching).
+        # The worker threads decode with their own copy of the tokenizer: encoding
+        # (on the prepare thread) switches a setting of the Rust tokenizer, which must
+        # not happen while another thread uses the same one.
+        self._decoder = copy.deepcopy(loaded.tokenizer)
         self.scheduler: Scheduler | None = None
-        if not loaded.is_encoder_decoder:
-            install(loaded.model)
-            self.scheduler = Scheduler(
-                loaded.model,
-                loaded.tokenizer,
+        unsupported = None if loaded.is_encoder_decoder else install(loaded.model)
+        if unsupported:
+            log.info("Continuous batching is off for this model (%s)", unsupported)
+        if not loaded.is_encoder_decoder and not unsupported:
+            self.scheduler = self._scheduler(
+                window, max_new, options, max_rows, chunk_tokens, cache_bytes
+            )
+
+    def _scheduler(
+        self,
+        window: int,
+        max_new: int,
+        options: GenerationOptions,
+        max_rows: int,
+        chunk_tokens: int,
+        cache_bytes: int,
+    ) -> Scheduler:
+        try:
+            return Scheduler(
+                self.loaded.model,
+                self._decoder,
                 max_new_tokens=max_new,
                 capacity=window,
                 eos=self._eos_ids(),
@@ -157,6 +184,11 @@ class Generator:
                 step_tokens=chunk_tokens,
                 cache_bytes=cache_bytes,
             )
+        except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory errors
+            raise ConfigError(
+                f"The running replies' key/value slots ({max_rows} x {window} tokens) do "
+                f"not fit on {self.loaded.device}: lower BATCH_SIZE or CONTEXT_TOKENS ({exc})"
+            ) from None
 
     @classmethod
     def from_settings(cls, loaded: LoadedModel, settings: Settings) -> Generator:
@@ -222,7 +254,7 @@ class Generator:
                 ids.append(fill + prompt.input_ids)
                 mask.append([0] * len(fill) + ones)
         device = self.loaded.device
-        streamer = _BatchStreamer(tokenizer, sinks, self._eos_ids())
+        streamer = _BatchStreamer(self._decoder, sinks, self._eos_ids())
         with torch.inference_mode():
             self.loaded.model.generate(
                 input_ids=torch.tensor(ids, device=device),

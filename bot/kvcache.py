@@ -53,12 +53,28 @@ def _attention(
 _registered = threading.Lock()
 
 
-def install(model: Any) -> None:
-    """Route the model's attention through the ragged function (SDPA when unused)."""
+def install(model: Any) -> str | None:
+    """Route the model's attention through the ragged function (SDPA when unused).
+
+    Returns why the model cannot run ragged steps (it is left as it was), or None.
+    """
+    config = model.config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        return f"sliding-window attention ({window} tokens)"
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, name, None):
+            return f"{name} is not supported by the ragged attention"
     with _registered:
         AttentionInterface.register(ATTENTION, _attention)
         AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-    model.set_attn_implementation(ATTENTION)
+    try:
+        model.set_attn_implementation(ATTENTION)
+    except (ValueError, KeyError) as exc:
+        return f"its attention cannot be replaced ({exc})"
+    if getattr(config, "_attn_implementation", None) != ATTENTION:
+        return "its attention does not dispatch through transformers' AttentionInterface"
+    return None
 
 
 @dataclass(frozen=True)
@@ -147,7 +163,6 @@ class RaggedStep:
         for slot, past, count in spans:
             slots += [slot] * count
             positions += range(past, past + count)
-            pool.written(slot, past + count)  # written in `attend`, before any read
         self.token_slots = torch.tensor(slots, device=device)
         self.token_positions = torch.tensor(positions, device=device)
         self.position_ids = self.token_positions.unsqueeze(0)

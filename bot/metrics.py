@@ -42,7 +42,7 @@ LATENCY = Histogram(
 QUEUE = Gauge("chatbot_queue_depth", "Messages in the engine, not yet answered", registry=REGISTRY)
 BATCH = Histogram(
     "chatbot_batch_size",
-    "Conversations generated together in one batch",
+    "Replies advanced together in one step of the model (or one batch)",
     buckets=(1, 2, 4, 8, 16, 32, 64),
     registry=REGISTRY,
 )

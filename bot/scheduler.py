@@ -37,6 +37,10 @@ from bot.kvcache import ModelShape, Prefix, PrefixStore, RaggedStep, SlotPool, c
 log = logging.getLogger(__name__)
 
 
+class ShutdownError(RuntimeError):
+    """A reply cut short because the bot is stopping."""
+
+
 @dataclass
 class Row:
     """One reply being generated."""
@@ -52,6 +56,7 @@ class Row:
     slot: int = -1
     text: TextStream | None = None
     reused: int = 0  # prompt tokens taken from the cache
+    ended: bool = False
 
 
 class Scheduler:
@@ -81,7 +86,9 @@ class Scheduler:
         self.step_tokens = max(step_tokens, max_rows)
         self.shape = ModelShape.of(model)
         self.store = PrefixStore(cache_bytes)
-        self._pool: SlotPool | None = None
+        # Allocated now, so a pool too big for the device fails at start-up. On a CPU
+        # pages are committed as positions are written, not here.
+        self._pool: SlotPool | None = SlotPool(self.shape, max_rows, capacity)
         self._rows: list[Row] = []
         self._inbox: deque[Row] = deque()
         self._forget: deque[str] = deque()
@@ -104,8 +111,8 @@ class Scheduler:
     # -- from any thread ---------------------------------------------------------
 
     def submit(self, row: Row) -> None:
-        if len(row.prompt) + 1 > self.capacity:
-            raise ValueError(f"prompt of {len(row.prompt)} tokens over capacity {self.capacity}")
+        if not 0 < len(row.prompt) < self.capacity:
+            raise ValueError(f"a prompt of {len(row.prompt)} tokens (capacity {self.capacity})")
         with self._wake:
             if self._closing:
                 raise RuntimeError("the scheduler is closed")
@@ -138,51 +145,69 @@ class Scheduler:
     def running(self) -> int:
         return len(self._rows)
 
+    @property
+    def alive(self) -> bool:
+        """False once the worker thread has died (for readiness checks)."""
+        return self._thread is None or self._thread.is_alive() or self._closing
+
     # -- the worker thread -------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            with self._wake:
-                while not (self._inbox or self._rows or self._forget or self._closing):
-                    self._wake.wait()
-                while self._forget:
-                    self.store.forget(self._forget.popleft())
-                if self._closing and not self._rows and not self._inbox:
-                    return
-                arrivals: list[Row] = []
-                while self._inbox and len(self._rows) + len(arrivals) < self.max_rows:
-                    arrivals.append(self._inbox.popleft())
-            for row in arrivals:
-                self._admit(row)
-            self._retire([r for r in self._rows if r.stop.is_set()])
-            if not self._rows:
-                continue
-            plan = self._plan()
+            arrivals: list[Row] = []
             try:
-                self._step(plan)
+                with self._wake:
+                    while not (self._inbox or self._rows or self._forget or self._closing):
+                        self._wake.wait()
+                    if self._closing and not self._rows and not self._inbox:
+                        return
+                    while self._inbox and len(self._rows) + len(arrivals) < self.max_rows:
+                        arrivals.append(self._inbox.popleft())
+                for row in arrivals:
+                    if row.stop.is_set():  # its reader went away while it queued
+                        self._end(row, "", None)
+                    else:
+                        self._admit(row)
+                arrivals = []
+                self._retire([r for r in self._rows if r.stop.is_set() or self._closing])
+                with self._wake:
+                    # After the retirements: a stopped row's cache must not come back.
+                    while self._forget:
+                        self.store.forget(self._forget.popleft())
+                    metrics.KV_CACHE_BYTES.set(self.store.nbytes)
+                if self._rows:
+                    self._advance_all()
             except Exception as exc:
-                if len(plan) == 1:
-                    self._fail(plan[0][0], exc)
-                    continue
-                # One bad row must not fail the others: each runs its part alone, so
-                # only the culprit gets the error.
-                log.warning("A step of %d rows failed; running each alone", len(plan))
-                for part in plan:
-                    try:
-                        self._step([part])
-                    except Exception as exc:
-                        self._fail(part[0], exc)
+                # Whatever broke, the thread lives on: the rows it held get the error.
+                log.exception("The generation loop failed; %d row(s) end", len(self._rows))
+                for row in [*self._rows, *arrivals]:
+                    self._end(row, None, exc)
 
-    def _fail(self, row: Row, error: Exception) -> None:
-        self._release(row, keep=False)
-        row.finish(None, error)
+    def _advance_all(self) -> None:
+        plan = self._plan()
+        try:
+            self._step(plan)
+        except Exception as exc:
+            if len(plan) == 1:
+                self._end(plan[0][0], None, exc)
+                return
+            # The forward pass failed before any row moved on: each row runs its part
+            # alone, so only the culprit gets the error.
+            log.warning("A step of %d rows failed (%s); running each alone", len(plan), exc)
+            for row, count in plan:
+                if row.text is None:  # ended meanwhile
+                    continue
+                try:
+                    self._step([(row, count)])
+                except Exception as error:
+                    self._end(row, None, error)
 
     def _admit(self, row: Row) -> None:
-        if self._pool is None:
-            self._pool = SlotPool(self.shape, self.max_rows, self.capacity)
+        assert self._pool is not None
         row.slot = len(self._rows)
         row.tokens = list(row.prompt)
         row.text = TextStream(self.tokenizer, row.sink)
+        self._rows.append(row)
         cached = self.store.take(row.key) if row.key else None
         if cached is not None:
             # At least the prompt's last token is read again: its logits start the reply.
@@ -191,7 +216,6 @@ class Scheduler:
                 self._pool.load(row.slot, cached.kv, reuse)
                 row.filled = row.reused = reuse
                 self.reused_tokens += reuse
-        self._rows.append(row)
         self.max_running = max(self.max_running, len(self._rows))
 
     def _plan(self) -> list[tuple[Row, int]]:
@@ -218,6 +242,7 @@ class Scheduler:
         return sorted(plan, key=lambda item: item[0].slot)
 
     def _step(self, plan: list[tuple[Row, int]]) -> None:
+        """One forward pass; if it raises, no row has moved on (safe to run again)."""
         assert self._pool is not None
         ids: list[int] = []
         spans, sampling, last = [], [], 0
@@ -241,12 +266,17 @@ class Scheduler:
                 logits_to_keep=keep,
                 ragged=step,
             )
-            self.steps += 1
-            for row, count in plan:
-                row.filled += count
             logits = out.logits[0].float()
-            for (row, _), scores in zip(sampling, logits, strict=True):
+        self.steps += 1
+        metrics.BATCH.observe(len(plan))
+        for row, count in plan:
+            self._pool.written(row.slot, row.filled + count)
+            row.filled += count
+        for (row, _), scores in zip(sampling, logits, strict=True):
+            try:
                 self._advance(row, self._choose(row, scores))
+            except Exception as exc:  # this row's sampling or text, not the others'
+                self._end(row, None, exc)
 
     def _choose(self, row: Row, scores: torch.Tensor) -> int:
         scores = scores.unsqueeze(0)
@@ -267,26 +297,37 @@ class Scheduler:
             row.tokens.append(token)
             row.text.add(token)
         if ended or row.generated >= self.max_new_tokens or len(row.tokens) >= self.capacity:
-            text = row.text.close()
-            row.text = None  # retired after this step
-            self._release(row)
-            row.finish(text, None)
+            self._end(row, row.text.close(), None)
 
     def _retire(self, rows: list[Row]) -> None:
-        """Rows whose reader went away (or that just ended) leave now."""
+        """Rows whose reader went away leave now, with what they have."""
         for row in rows:
-            if row.text is not None:  # stopped by its reader: it gets what it has
-                text = row.text.close()
-                row.text = None
-                self._release(row)
-                row.finish(text, None)
+            if row.text is None:
+                continue
+            if self._closing:
+                # Cut short by shutdown, not finished: not a reply to store.
+                self._end(row, None, ShutdownError("stopped: the bot is shutting down"))
+            else:
+                self._end(row, row.text.close(), None)
 
-    def _release(self, row: Row, keep: bool = True) -> None:
+    def _end(self, row: Row, text: str | None, error: Exception | None) -> None:
+        """Free the row's slot (keeping its cache unless it failed) and tell its
+        reader, once."""
+        if row.ended:
+            return
+        row.ended = True
+        row.text = None
+        if row in self._rows:
+            self._release(row, keep=error is None or isinstance(error, ShutdownError))
+        try:
+            row.finish(text, error)
+        except Exception:  # the reader's side (e.g. its event loop has closed)
+            log.exception("Could not hand a reply over")
+
+    def _release(self, row: Row, keep: bool) -> None:
         """Keep the row's cache for its conversation's next turn and free its slot."""
         assert self._pool is not None
-        if row not in self._rows:
-            return
-        if keep and row.key and row.filled > 0:
+        if keep and row.key and row.filled > 0 and self.store.budget > 0:
             kv = self._pool.save(row.slot, row.filled)
             self.store.put(row.key, Prefix(row.tokens[: row.filled], kv))
         # Keep slots dense: the last running row moves into the freed slot.

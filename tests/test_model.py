@@ -13,7 +13,7 @@ from transformers import BlenderbotConfig, BlenderbotForConditionalGeneration
 from bot.engine import Engine
 from bot.memory import InProcessMemory
 from bot.messages import ConversationKey, Message, Turn
-from bot.model import BUNDLED_NAME, LoadedModel, load_model
+from bot.model import BUNDLED_NAME, LoadedModel, cpu_dtype, load_model
 from tests.conftest import greedy, make_settings
 
 pytestmark = pytest.mark.model
@@ -29,7 +29,11 @@ def test_bundled_model_loads_from_its_cache(
     assert not any("First start" in r.getMessage() for r in caplog.records)
     assert again.name == BUNDLED_NAME and not again.is_encoder_decoder
     assert again.context_window == 8192
-    assert next(again.model.parameters()).dtype == torch.bfloat16
+    # DTYPE=auto: the machine's choice, and the start-up line says why.
+    chosen, why = cpu_dtype()
+    assert next(again.model.parameters()).dtype == chosen
+    assert any(why in r.getMessage() for r in caplog.records)
+    assert chosen == (torch.bfloat16 if "with AMX" in why else torch.float32)
     mine, theirs = again.model.state_dict(), bundled.model.state_dict()
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
 

@@ -4,6 +4,7 @@ on a real `python -m bot console` process with the bundled model and real Redis.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -69,7 +70,9 @@ def test_health_readiness_metrics_and_json_logs(
         assert 'chatbot_messages_received_total{platform="console"} 1.0' in text
         assert 'chatbot_messages_answered_total{platform="console"} 1.0' in text
         assert 'chatbot_reply_latency_seconds_count{platform="console"} 1.0' in text
-        assert "chatbot_batch_size_count 1.0" in text
+        steps = re.search(r"^chatbot_batch_size_count ([0-9.]+)$", text, re.M)
+        assert steps and float(steps.group(1)) > 1  # one per step of the model
+        assert "chatbot_kv_cache_bytes " in text
         assert "chatbot_tokens_generated_total" in text and "chatbot_queue_depth 0.0" in text
         redis_server.stop()  # Redis gone: not ready, still alive
         assert get(f"{base}/readyz")[0] == 503

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 
-from bot.engine import BUSY, Engine
+from bot.engine import APOLOGY, BUSY, Engine
 from bot.generation import Generator
 from bot.memory import InProcessMemory
 from bot.messages import ConversationKey, Message, Turn
 from bot.model import LoadedModel, load_model
 from bot.prompt import Prompt
-from bot.scheduler import Scheduler
+from bot.scheduler import Row, Scheduler
 from tests.conftest import greedy, make_settings
 
 pytestmark = pytest.mark.model
@@ -164,3 +165,66 @@ async def test_a_failing_row_fails_alone(fp32: LoadedModel) -> None:
     assert not bad.ok
     assert all(r.ok for r in await asyncio.gather(*good))
     await engine.close()
+
+
+async def test_close_stops_a_long_reply_without_blocking_the_loop(fp32: LoadedModel) -> None:
+    """Shutdown stops the running rows (no waiting for 1,000 tokens), off the event
+    loop, and a reply cut short is not stored as if it were whole."""
+    engine = Engine(greedy(fp32, max_new_tokens=1000), InProcessMemory(20, 600))
+    scheduler = scheduler_of(engine)
+    stream = engine.stream(msg("Count from one to one thousand, in words.", "long"))
+    chunks = aiter(stream)
+    await anext(chunks)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    tick = asyncio.create_task(ticker())
+    closing = asyncio.create_task(engine.close())
+    rest = [chunk async for chunk in chunks]
+    await asyncio.wait_for(closing, timeout=60)
+    tick.cancel()
+    assert ticks > 0, "the loop ran while the engine closed"
+    assert scheduler.steps < 1000 and scheduler.running == 0
+    assert stream.reply is not None and not stream.reply.ok  # the apology, not a reply
+    assert rest and rest[-1].endswith(APOLOGY)  # the engine stores nothing then
+
+
+def test_a_row_failing_after_the_forward_pass_fails_alone(fp32: LoadedModel) -> None:
+    """A failure in one row's own part of a step (here its text hand-over raises,
+    after the shared forward pass) ends that row with the error; the rows stepping
+    with it go on, token for token as alone, on caches nobody else wrote into."""
+    generator = greedy(fp32, max_new_tokens=24)
+    scheduler = generator.scheduler
+    assert scheduler is not None
+    questions = ["What is the capital of France?", "Name a colour.", "What is 2 plus 2?"]
+    prompts = [generator.prepare([], q) for q in questions]
+    results: dict[int, tuple[str | None, BaseException | None]] = {}
+    done = threading.Event()
+
+    def finish(index: int) -> Callable[[str | None, BaseException | None], None]:
+        def finished(text: str | None, error: BaseException | None) -> None:
+            assert index not in results, "finished once"
+            results[index] = (text, error)
+            if len(results) == len(prompts):
+                done.set()
+
+        return finished
+
+    def breaking(text: str) -> None:
+        raise RuntimeError("the reader broke")
+
+    for i, prompt in enumerate(prompts):
+        sink = breaking if i == 1 else (lambda _text: None)
+        scheduler.submit(Row(prompt.input_ids, f"row{i}", sink, threading.Event(), finish(i)))
+    assert done.wait(120)
+    assert isinstance(results[1][1], RuntimeError)
+    for i in (0, 2):
+        assert results[i][1] is None
+        assert results[i][0] == generator.generate(prompts[i]), questions[i]
+    assert scheduler.running == 0
+    assert scheduler.close(10)
