@@ -5,6 +5,7 @@ writes its JSON and prints the ratios. No timing is asserted."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,19 @@ async def test_a_failed_reply_stops_a_workload_rather_than_pass_for_a_fast_one()
     setup.make_runner = lambda: ScriptedModel(fail_on="boom")
     with pytest.raises(RuntimeError, match="did not answer"):
         await turn_by_turn(setup, ["hello", "boom"], 1, 30)
+
+
+def test_readme_performance_names_the_cpu_of_the_latest_run() -> None:
+    """The figures in the README's Performance section say which CPU they came from:
+    the one recorded with the committed full run."""
+    repo = Path(__file__).resolve().parent.parent
+    machine = json.loads((repo / "bench" / "results" / "latest.json").read_text())["machine"]
+    readme = (repo / "README.md").read_text()
+    section = readme[readme.index("## Performance") :]
+    section = section[: section.index("\n## ", 1)]
+    cpu = re.sub(r"\((R|TM)\)|\bProcessor\b|CPU", "", machine["cpu_model"]).split()
+    assert " ".join(cpu) in section, cpu
+    assert machine["cpu_capability"] in section
+    assert ("AVX512-BF16" in section) == bool(machine["avx512_bf16"])
+    assert ("no AMX" in section) == (not machine["amx"])
+    assert {"float32": "fp32", "bfloat16": "bf16"}[machine["dtype"]] in section
