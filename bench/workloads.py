@@ -526,11 +526,17 @@ async def long_history(
     finally:
         await engine.close()
     out.update(
-        after_paste_ttft_s=[round(t, 3) for t in after],
-        fresh_ttft_s=[round(t, 3) for t in fresh],
-        after_paste_ttft_median_s=round(statistics.median(after), 3) if after else None,
-        fresh_ttft_median_s=round(statistics.median(fresh), 3) if fresh else None,
+        **first_tokens(after_paste=after, fresh=fresh),
     )
+    return out
+
+
+def first_tokens(**series: list[float]) -> dict[str, Any]:
+    """`<name>_ttft_s` (each time to first token) and `<name>_ttft_median_s` per series."""
+    out: dict[str, Any] = {}
+    for name, values in series.items():
+        out[f"{name}_ttft_s"] = [round(t, 3) for t in values]
+        out[f"{name}_ttft_median_s"] = round(statistics.median(values), 3) if values else None
     return out
 
 
@@ -563,12 +569,9 @@ async def head_of_line(
     finally:
         await engine.close()
     out.update(
-        alone_ttft_s=[round(t, 3) for t in alone],
-        behind_long_ttft_s=[round(t, 3) for t in behind],
+        **first_tokens(alone=alone, behind_long=behind),
         # Above delay_s: the question came while the long prompt was still being read.
         long_ttft_s=[round(t, 3) for t in long_first],
-        alone_ttft_median_s=round(statistics.median(alone), 3) if alone else None,
-        behind_long_ttft_median_s=round(statistics.median(behind), 3) if behind else None,
     )
     return out
 

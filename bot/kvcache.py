@@ -93,10 +93,6 @@ class ModelShape:
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         return cls(config.num_hidden_layers, kv_heads, head_dim, model.dtype, model.device)
 
-    def bytes_per_token(self) -> int:
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.layers * self.kv_heads * self.head_dim * element
-
 
 class SlotPool:
     """Keys and values of the running rows: `keys[layer][slot, head, position, dim]`.
@@ -137,9 +133,8 @@ class SlotPool:
 
     def save(self, slot: int, length: int) -> torch.Tensor:
         """A compact copy of the slot's first `length` positions: [2, layers, heads, n, dim]."""
-        return torch.stack(
-            (self.keys[:, slot, :, :length], self.values[:, slot, :, :length])
-        ).clone()
+        # stack copies: the result shares no memory with the pool.
+        return torch.stack((self.keys[:, slot, :, :length], self.values[:, slot, :, :length]))
 
     def move(self, source: int, target: int, length: int) -> None:
         self.keys[:, target, :, :length] = self.keys[:, source, :, :length]

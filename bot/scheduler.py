@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,7 +54,6 @@ class Row:
     generated: int = 0
     slot: int = -1
     text: TextStream | None = None
-    reused: int = 0  # prompt tokens taken from the cache
     ended: bool = False
 
 
@@ -88,7 +86,7 @@ class Scheduler:
         self.store = PrefixStore(cache_bytes)
         # Allocated now, so a pool too big for the device fails at start-up. On a CPU
         # pages are committed as positions are written, not here.
-        self._pool: SlotPool | None = SlotPool(self.shape, max_rows, capacity)
+        self._pool = SlotPool(self.shape, max_rows, capacity)
         self._rows: list[Row] = []
         self._inbox: deque[Row] = deque()
         self._forget: deque[str] = deque()
@@ -203,7 +201,6 @@ class Scheduler:
                     self._end(row, None, error)
 
     def _admit(self, row: Row) -> None:
-        assert self._pool is not None
         row.slot = len(self._rows)
         row.tokens = list(row.prompt)
         row.text = TextStream(self.tokenizer, row.sink)
@@ -214,7 +211,7 @@ class Scheduler:
             reuse = min(common_prefix(cached.ids, row.prompt), len(row.prompt) - 1)
             if reuse > 0:
                 self._pool.load(row.slot, cached.kv, reuse)
-                row.filled = row.reused = reuse
+                row.filled = reuse
                 self.reused_tokens += reuse
         self.max_running = max(self.max_running, len(self._rows))
 
@@ -243,7 +240,6 @@ class Scheduler:
 
     def _step(self, plan: list[tuple[Row, int]]) -> None:
         """One forward pass; if it raises, no row has moved on (safe to run again)."""
-        assert self._pool is not None
         ids: list[int] = []
         spans, sampling, last = [], [], 0
         for row, count in plan:
@@ -326,7 +322,6 @@ class Scheduler:
 
     def _release(self, row: Row, keep: bool) -> None:
         """Keep the row's cache for its conversation's next turn and free its slot."""
-        assert self._pool is not None
         if keep and row.key and row.filled > 0 and self.store.budget > 0:
             kv = self._pool.save(row.slot, row.filled)
             self.store.put(row.key, Prefix(row.tokens[: row.filled], kv))
@@ -338,11 +333,3 @@ class Scheduler:
             moved.slot = row.slot
             self._rows[index] = moved
         self._rows.pop()
-        metrics.KV_CACHE_BYTES.set(self.store.nbytes)
-
-
-def wait_idle(scheduler: Scheduler, timeout: float = 10.0) -> None:
-    """For tests: until no row runs."""
-    deadline = time.monotonic() + timeout
-    while scheduler.running and time.monotonic() < deadline:
-        time.sleep(0.01)

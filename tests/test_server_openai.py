@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from bot.memory import InProcessMemory
 from bot.messages import ConversationKey, Message, Turn
 from bot.openai_backend import CONTEXT_FULL, ContextTooLong, OpenAIBackend, ServerError
 from tests.conftest import make_settings
+from tests.fake_server import FakeServer
 
 CONV = ConversationKey("test", "c")
 
@@ -62,39 +62,28 @@ def tgi_too_long(window: int, prompt: int, reply: int) -> tuple[int, dict[str, A
     }
 
 
-@dataclass
-class FakeLLM:
+class FakeLLM(FakeServer[dict[str, Any]]):
     """An OpenAI-compatible /v1/chat/completions with a token window; `handler`
-    replaces its behaviour (default: stream `reply` in a few chunks)."""
+    replaces its behaviour (default: stream `reply` in a few chunks). `requests` are
+    the bodies it was sent, `headers` their headers."""
 
-    window: int = 100_000
-    reply: str = "Hello there, friend."
-    too_long: Callable[[int, int, int], tuple[int, dict[str, Any]]] = vllm_too_long
-    handler: Handler | None = None
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    headers: list[dict[str, str]] = field(default_factory=list)
-    port: int = 0
-    _runner: web.AppRunner | None = None
+    def __init__(self) -> None:
+        super().__init__()
+        self.window = 100_000
+        self.reply = "Hello there, friend."
+        self.too_long: Callable[[int, int, int], tuple[int, dict[str, Any]]] = vllm_too_long
+        self.handler: Handler | None = None
+        self.requests: list[dict[str, Any]] = self.calls
+        self.headers: list[dict[str, str]] = []
+        self.models_hang = False
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    async def start(self) -> None:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._complete)
         app.router.add_get("/v1/models", self._models)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    async def stop(self) -> None:
-        if self._runner:
-            await self._runner.cleanup()
-
-    models_hang = False
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         if self.models_hang:
@@ -103,8 +92,8 @@ class FakeLLM:
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.requests.append(body)
         self.headers.append(dict(request.headers))
+        await self.record(body)
         if self.handler is not None:
             return await self.handler(request, body)
         prompt = tokens_of(body)
