@@ -22,9 +22,11 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Protocol
 
 from bot import metrics
+from bot.attachments import prompt_text
 from bot.batching import Batcher, BatchRunner
+from bot.forgetting import Forgotten, forget_person
 from bot.memory import Memory
-from bot.messages import ConversationKey, Message, Reply, Turn, clean_text
+from bot.messages import ConversationKey, Message, Reply, Turn, clean_name, clean_text
 from bot.prompt import Prompt
 from bot.settings import Settings
 
@@ -51,7 +53,11 @@ class ModelRunner(BatchRunner, Protocol):
     """A local model: blocking methods, run on worker threads (bot.generation.Generator)."""
 
     def prepare(
-        self, history: list[Turn], user_text: str, system_prompt: str | None = None
+        self,
+        history: list[Turn],
+        user_text: str,
+        system_prompt: str | None = None,
+        speaker: str | None = None,
     ) -> Prompt: ...
 
 
@@ -60,10 +66,15 @@ class Backend(ABC):
 
     @abstractmethod
     async def prepare(
-        self, history: list[Turn], user_text: str, system_prompt: str | None = None
+        self,
+        history: list[Turn],
+        user_text: str,
+        system_prompt: str | None = None,
+        speaker: str | None = None,
     ) -> Prompt:
         """The prompt for `user_text` after `history`, fitted to the model;
-        `system_prompt` replaces the configured one (a channel's persona)."""
+        `system_prompt` replaces the configured one (a channel's persona). With
+        `speaker` (the new message's author), user turns carry their authors' names."""
 
     @abstractmethod
     def stream(self, prompt: Prompt) -> AsyncIterator[str]:
@@ -101,11 +112,15 @@ class LocalBackend(Backend):
         self.batcher = Batcher(runner, self._generate_pool, max_batch, max_wait)
 
     async def prepare(
-        self, history: list[Turn], user_text: str, system_prompt: str | None = None
+        self,
+        history: list[Turn],
+        user_text: str,
+        system_prompt: str | None = None,
+        speaker: str | None = None,
     ) -> Prompt:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._prepare_pool, self.runner.prepare, history, user_text, system_prompt
+            self._prepare_pool, self.runner.prepare, history, user_text, system_prompt, speaker
         )
 
     async def stream(self, prompt: Prompt) -> AsyncIterator[str]:
@@ -239,15 +254,20 @@ class Engine:
         max_batch: int = 16,
         max_wait: float = 0.01,
         max_queue: int = 256,
+        speaker_names: bool = True,
     ) -> None:
-        """`model`: a Backend, or a local model runner (batched by a LocalBackend)."""
+        """`model`: a Backend, or a local model runner (batched by a LocalBackend).
+        `speaker_names`: in shared conversations, the model sees who said each turn."""
         self.backend = (
             model if isinstance(model, Backend) else LocalBackend(model, max_batch, max_wait)
         )
         self.memory = memory
         self.max_queue = max_queue
+        self.speaker_names = speaker_names
         self._order = _ConversationOrder()
         self._pending = 0
+        # (platform, author) -> conversations where their message is being answered
+        self._answering: dict[tuple[str, str], list[ConversationKey]] = {}
 
     @classmethod
     def from_settings(
@@ -260,6 +280,7 @@ class Engine:
             max_batch=settings.batch_size,
             max_wait=settings.batch_wait_ms / 1000,
             max_queue=settings.max_queue,
+            speaker_names=settings.speaker_names,
         )
 
     def stream(self, message: Message) -> ReplyStream:
@@ -279,6 +300,19 @@ class Engine:
         async with self._order.turn(conversation):
             await self.memory.reset(conversation)
             self.backend.forget(str(conversation))
+
+    async def forget_user(self, platform: str, user_id: str) -> Forgotten:
+        """Delete everything the person wrote on `platform` that is stored, and the
+        replies to it, in every conversation; the model's caches of those go too.
+        A reply in progress to them is stored first, then deleted with the rest."""
+        return await forget_person(
+            self.memory,
+            platform,
+            user_id,
+            also=list(self._answering.get((platform, user_id), [])),
+            hold=self._order.turn,
+            drop_cache=self.backend.forget,
+        )
 
     async def persona(self, conversation: ConversationKey) -> str | None:
         """The persona of the conversation's channel; None: the configured prompt."""
@@ -325,10 +359,12 @@ class Engine:
             metrics.LATENCY.labels(platform).observe(time.perf_counter() - started)
 
     async def _gate(self, message: Message, out: _Outcome) -> AsyncGenerator[str, None]:
-        text = clean_text(message.text)
+        text = prompt_text(clean_text(message.text), message.files)
         if not text.strip():
-            out.reply = Reply(EMPTY_MESSAGE_REPLY)
-            yield EMPTY_MESSAGE_REPLY
+            # Nothing to answer (e.g. only an image): the notes say why, else a hint.
+            answer = "\n".join(message.notes) or EMPTY_MESSAGE_REPLY
+            out.reply = Reply(answer)
+            yield answer
             return
         if self._pending >= self.max_queue:
             # A flood: say so at once rather than queue without bound.
@@ -338,12 +374,18 @@ class Engine:
             return
         self._pending += 1
         metrics.QUEUE.set(self._pending)
+        author = (message.platform, message.author_id)
+        self._answering.setdefault(author, []).append(message.conversation)
         try:
             async for chunk in self._answer(message, text, out):
                 yield chunk
         finally:
             self._pending -= 1
             metrics.QUEUE.set(self._pending)
+            places = self._answering[author]
+            places.remove(message.conversation)
+            if not places:
+                del self._answering[author]
 
     async def _answer(
         self, message: Message, text: str, out: _Outcome
@@ -353,8 +395,15 @@ class Engine:
             started = time.perf_counter()
             history, persona = await self.memory.load(conversation)
             parts: list[str] = []
+            # Names only where several people talk: a DM has one.
+            name = clean_name(message.author_name)
+            speaker = name if self.speaker_names and not message.is_direct else None
             try:
-                prompt = await self.backend.prepare(history, text, persona)
+                if message.notes:
+                    note = "\n".join(message.notes) + "\n\n"
+                    parts.append(note)
+                    yield note
+                prompt = await self.backend.prepare(history, text, persona, speaker)
                 prompt = dataclasses.replace(prompt, conversation=str(conversation))
                 if prompt.truncated:
                     note = truncation_note(prompt)
@@ -380,9 +429,8 @@ class Engine:
                 yield apology
                 return
             # Both turns at once, and only for a reply that was written in full.
-            await self.memory.append(
-                conversation, [Turn("user", prompt.user_text), Turn("assistant", answer)]
-            )
+            asked = Turn("user", prompt.user_text, message.author_id, name)
+            await self.memory.append(conversation, [asked, Turn("assistant", answer)])
             out.reply = Reply("".join(parts) + answer, truncated_input=prompt.truncated)
             latency = time.perf_counter() - started
             log.info(

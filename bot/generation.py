@@ -7,6 +7,7 @@ engine's worker threads, never on the event loop.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from bot.detokenize import TextStream
 from bot.kvcache import install
 from bot.messages import Turn
 from bot.model import LoadedModel
-from bot.prompt import Prompt, PromptFormat, build_prompt
+from bot.prompt import Prompt, PromptFormat, build_prompt, renders_names
 from bot.scheduler import Scheduler
 from bot.settings import ConfigError, Settings
 
@@ -125,7 +126,11 @@ class Generator:
     ) -> None:
         self.loaded = loaded
         self.memory_turns = memory_turns
-        self.format = PromptFormat(loaded.is_encoder_decoder, system_prompt)
+        self.format = PromptFormat(
+            loaded.is_encoder_decoder,
+            system_prompt,
+            renders_names(loaded.tokenizer, loaded.is_encoder_decoder),
+        )
         if context_tokens is None:
             # On a CPU a prompt is read at a few hundred tokens/s: the model's whole
             # window (8,192 for SmolLM2) would let one message cost minutes. On a GPU,
@@ -204,11 +209,15 @@ class Generator:
         )
 
     def prepare(
-        self, history: Sequence[Turn], user_text: str, system_prompt: str | None = None
+        self,
+        history: Sequence[Turn],
+        user_text: str,
+        system_prompt: str | None = None,
+        speaker: str | None = None,
     ) -> Prompt:
         fmt = self.format
         if system_prompt is not None:
-            fmt = PromptFormat(fmt.is_encoder_decoder, system_prompt)
+            fmt = dataclasses.replace(fmt, system_prompt=system_prompt)
         with self._tokenizer_lock:
             return build_prompt(
                 self.loaded.tokenizer,
@@ -218,6 +227,7 @@ class Generator:
                 self.prompt_budget,
                 # A full memory drops its oldest exchange when this reply is stored.
                 sliding=len(history) + 2 > self.memory_turns,
+                speaker=speaker,
             )
 
     def generate(

@@ -1,15 +1,22 @@
 """Per-conversation memory: in Redis when REDIS_URL is set, else in this process.
 
-Redis key schema: one list per conversation, and one string per channel persona,
+Redis key schema: one list per conversation, one string per channel persona, and one
+set per person of the conversations holding their turns,
 
     chatbot:conv:{<platform>:<channel>}[:<thread>]  ->  [turn JSON, ...]  (oldest first)
     chatbot:persona:{<platform>:<channel>}          ->  the channel's system prompt
+    chatbot:user:{<platform>:<user id>}             ->  {["<platform>", "<channel>",
+                                                         "<thread>" | null], ...}
 
-each list element ``{"role": "user" | "assistant", "content": "..."}``. A reply's turns
-are appended, the list trimmed to MEMORY_MAX_TURNS and its TTL renewed by one script
-in one round trip; the history and the persona are read in one. The braces are
-Redis Cluster hash tags: a channel's keys share a slot, so that read needs one node,
-and no command ever spans two channels.
+each list element ``{"role": "user" | "assistant", "content": "...", "author_id": "...",
+"author_name": "..."}`` (the author only on user turns). A reply's turns are appended,
+the list trimmed to MEMORY_MAX_TURNS and its TTL renewed by one script, and the
+author's set given the conversation and the same TTL, in one round trip; the history
+and the persona are read in one. The braces are Redis Cluster hash tags: a channel's
+keys share a slot, so that read needs one node, and no command ever spans two slots.
+
+Forgetting a person (/forget) reads their set, then removes their turns and the
+replies to them from each listed conversation, one script per conversation.
 
 An append is idempotent: it carries a token, remembered for a while under
 ``chatbot:append:{<platform>:<channel>}:<token>``, and a second run of the same append
@@ -50,6 +57,7 @@ KEY_PREFIX = "chatbot:conv:"
 PERSONA_PREFIX = "chatbot:persona:"
 APPEND_PREFIX = "chatbot:append:"
 LOCK_PREFIX = "chatbot:lock:"
+USER_PREFIX = "chatbot:user:"
 # A conversation's lock lives this long unless renewed (so a dead process frees it
 # soon), and a message waits at most this long for another process's reply.
 LOCK_SECONDS = 30
@@ -64,6 +72,35 @@ redis.call('RPUSH', KEYS[1], unpack(ARGV, 4))
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
+"""
+
+# KEYS: the conversation. ARGV: the author whose turns go. Removes each of their user
+# turns and the reply that follows it, keeping the list's TTL; returns how many of
+# their turns went.
+FORGET = """
+local raw = redis.call('LRANGE', KEYS[1], 0, -1)
+local keep, removed, drop_reply = {}, 0, false
+for _, item in ipairs(raw) do
+  local ok, turn = pcall(cjson.decode, item)
+  local role = ok and type(turn) == 'table' and turn['role'] or nil
+  if role == 'user' and turn['author_id'] == ARGV[1] then
+    removed = removed + 1
+    drop_reply = true
+  elseif role == 'assistant' and drop_reply then
+    drop_reply = false
+  else
+    drop_reply = false
+    keep[#keep + 1] = item
+  end
+end
+if removed == 0 then return 0 end
+local ttl = redis.call('PTTL', KEYS[1])
+redis.call('DEL', KEYS[1])
+for i = 1, #keep, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(keep, i, math.min(i + 999, #keep)))
+end
+if #keep > 0 and ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+return removed
 """
 
 
@@ -91,6 +128,46 @@ def persona_key(conversation: ConversationKey) -> str:
     return f"{PERSONA_PREFIX}{_slot(conversation)}"
 
 
+def user_key(platform: str, user_id: str) -> str:
+    return f"{USER_PREFIX}{{{platform}:{user_id}}}"
+
+
+def encode_conversation(conversation: ConversationKey) -> str:
+    return json.dumps([conversation.platform, conversation.channel, conversation.thread])
+
+
+def decode_conversation(raw: str | bytes) -> ConversationKey | None:
+    try:
+        platform, channel, thread = json.loads(raw)
+    except (ValueError, TypeError):
+        return None
+    if not all(isinstance(part, str) for part in (platform, channel)):
+        return None
+    return ConversationKey(platform, channel, thread if isinstance(thread, str) else None)
+
+
+def authors(turns: Sequence[Turn]) -> set[str]:
+    return {turn.author_id for turn in turns if turn.role == "user" and turn.author_id}
+
+
+def without_author(turns: Sequence[Turn], author_id: str) -> tuple[list[Turn], int]:
+    """`turns` without the author's user turns and the replies to them (what FORGET
+    does in Redis), and how many of their turns went."""
+    kept: list[Turn] = []
+    removed = 0
+    drop_reply = False
+    for turn in turns:
+        if turn.role == "user" and turn.author_id == author_id:
+            removed += 1
+            drop_reply = True
+        elif turn.role == "assistant" and drop_reply:
+            drop_reply = False
+        else:
+            drop_reply = False
+            kept.append(turn)
+    return kept, removed
+
+
 def lock_key(conversation: ConversationKey) -> str:
     thread = f":{conversation.thread}" if conversation.thread else ""
     return f"{LOCK_PREFIX}{_slot(conversation)}{thread}"
@@ -108,7 +185,10 @@ async def _renew(lock: Lock) -> None:
 
 
 def encode_turn(turn: Turn) -> str:
-    return json.dumps({"role": turn.role, "content": turn.content}, ensure_ascii=False)
+    data = {"role": turn.role, "content": turn.content}
+    if turn.author_id:
+        data |= {"author_id": turn.author_id, "author_name": turn.author_name}
+    return json.dumps(data, ensure_ascii=False)
 
 
 def decode_turn(raw: str | bytes) -> Turn | None:
@@ -120,7 +200,13 @@ def decode_turn(raw: str | bytes) -> Turn | None:
         return None
     if role not in ("user", "assistant") or not isinstance(content, str):
         return None
-    return Turn(role=role, content=content)
+    author_id, author_name = data.get("author_id"), data.get("author_name")
+    return Turn(
+        role=role,
+        content=content,
+        author_id=author_id if isinstance(author_id, str) else "",
+        author_name=author_name if isinstance(author_name, str) else "",
+    )
 
 
 class Memory(Protocol):
@@ -146,6 +232,20 @@ class Memory(Protocol):
         """Forget a conversation."""
         ...
 
+    async def conversations_of(self, platform: str, user_id: str) -> list[ConversationKey]:
+        """The conversations that may hold the person's turns. Raises when the store
+        cannot answer (a forget must not report success it did not have)."""
+        ...
+
+    async def forget(self, conversation: ConversationKey, user_id: str) -> int:
+        """Remove the person's turns, and the replies to them, from a conversation;
+        how many of their turns went. Raises when the store cannot answer."""
+        ...
+
+    async def forget_index(self, platform: str, user_id: str) -> None:
+        """Drop the person's list of conversations (after `forget` in each)."""
+        ...
+
     def turn(self, conversation: ConversationKey) -> AbstractAsyncContextManager[None]:
         """Held while one message of the conversation is answered, across every
         process that shares this store (one process orders its own messages)."""
@@ -164,7 +264,7 @@ class InProcessMemory:
     def __init__(self, max_turns: int, ttl_seconds: float) -> None:
         self._max_turns = whole_exchanges(max_turns)
         self._ttl = ttl_seconds
-        self._store: dict[str, tuple[float, deque[Turn]]] = {}
+        self._store: dict[ConversationKey, tuple[float, deque[Turn]]] = {}
         self._personas: dict[str, str] = {}
         self._last_sweep = time.monotonic()
 
@@ -179,7 +279,7 @@ class InProcessMemory:
     async def history(self, conversation: ConversationKey) -> list[Turn]:
         now = time.monotonic()
         self._sweep(now)
-        entry = self._store.get(str(conversation))
+        entry = self._store.get(conversation)
         if entry is None or now - entry[0] > self._ttl:
             return []
         return from_first_user_turn(list(entry[1]))
@@ -195,16 +295,34 @@ class InProcessMemory:
 
     async def append(self, conversation: ConversationKey, turns: Sequence[Turn]) -> None:
         now = time.monotonic()
-        key = str(conversation)
-        entry = self._store.get(key)
+        entry = self._store.get(conversation)
         stored = entry[1] if entry and now - entry[0] <= self._ttl else None
         if stored is None:
             stored = deque(maxlen=self._max_turns)
         stored.extend(turns)
-        self._store[key] = (now, stored)
+        self._store[conversation] = (now, stored)
 
     async def reset(self, conversation: ConversationKey) -> None:
-        self._store.pop(str(conversation), None)
+        self._store.pop(conversation, None)
+
+    async def conversations_of(self, platform: str, user_id: str) -> list[ConversationKey]:
+        return [
+            key
+            for key, (_, turns) in self._store.items()
+            if key.platform == platform and user_id in authors(turns)
+        ]
+
+    async def forget(self, conversation: ConversationKey, user_id: str) -> int:
+        entry = self._store.get(conversation)
+        if entry is None:
+            return 0
+        kept, removed = without_author(entry[1], user_id)
+        if removed:
+            self._store[conversation] = (entry[0], deque(kept, maxlen=self._max_turns))
+        return removed
+
+    async def forget_index(self, platform: str, user_id: str) -> None:
+        return None  # found by scanning the conversations
 
     def turn(self, conversation: ConversationKey) -> AbstractAsyncContextManager[None]:
         return nullcontext()  # one process: the engine's own order suffices
@@ -283,16 +401,23 @@ class RedisMemory:
             return
         token = f"{APPEND_PREFIX}{_slot(conversation)}:{uuid.uuid4().hex}"
         try:
-            await self._redis.eval(
-                APPEND,
-                2,
-                redis_key(conversation),
-                token,
-                self._max_turns,
-                self._ttl,
-                APPEND_TOKEN_SECONDS,
-                *(encode_turn(t) for t in turns),
-            )
+            # One round trip; the author's set is in another slot, so not in the script.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.eval(
+                    APPEND,
+                    2,
+                    redis_key(conversation),
+                    token,
+                    self._max_turns,
+                    self._ttl,
+                    APPEND_TOKEN_SECONDS,
+                    *(encode_turn(t) for t in turns),
+                )
+                for author in sorted(authors(turns)):
+                    key = user_key(conversation.platform, author)
+                    pipe.sadd(key, encode_conversation(conversation))
+                    pipe.expire(key, self._ttl)
+                await pipe.execute()
         except REDIS_ERRORS as exc:
             self._outages.failed("store turns", exc)
             return
@@ -305,6 +430,17 @@ class RedisMemory:
             self._outages.failed("reset a conversation", exc)
             return
         self._outages.succeeded()
+
+    async def conversations_of(self, platform: str, user_id: str) -> list[ConversationKey]:
+        raw = await self._redis.smembers(user_key(platform, user_id))
+        found = {decode_conversation(item) for item in raw}
+        return sorted((c for c in found if c is not None), key=str)
+
+    async def forget(self, conversation: ConversationKey, user_id: str) -> int:
+        return int(await self._redis.eval(FORGET, 1, redis_key(conversation), user_id))
+
+    async def forget_index(self, platform: str, user_id: str) -> None:
+        await self._redis.delete(user_key(platform, user_id))
 
     @asynccontextmanager
     async def turn(self, conversation: ConversationKey) -> AsyncIterator[None]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -33,8 +35,21 @@ class ConversationKey:
 
 
 @dataclass(frozen=True, slots=True)
+class FileText:
+    """A text file attached to a message, already downloaded and decoded."""
+
+    name: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
-    """One incoming chat message, with the bot's mention already stripped from `text`."""
+    """One incoming chat message, with the bot's mention already stripped from `text`
+    and mentions of other people written as their display names.
+
+    `files`: text files attached to it (read by the adapter); `notes`: lines for the
+    person, shown before the answer (files that were not read, and why).
+    """
 
     conversation: ConversationKey
     author_id: str
@@ -43,6 +58,8 @@ class Message:
     message_id: str = ""
     timestamp: datetime = field(default_factory=lambda: datetime.now(UTC))
     is_direct: bool = False
+    files: tuple[FileText, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def platform(self) -> str:
@@ -51,10 +68,13 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Turn:
-    """One stored turn of a conversation."""
+    """One stored turn of a conversation; a user turn knows who wrote it ("" for
+    replies, and for turns stored before authors were kept)."""
 
     role: Role
     content: str
+    author_id: str = ""
+    author_name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,3 +93,25 @@ def clean_text(text: str) -> str:
     which tokenizers and Redis need.
     """
     return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
+
+
+NAME_MAX_CHARS = 32
+# Markup that chat templates and tokenizers treat as structure: <|im_start|>, </s>,
+# [INST], <<SYS>> and the like. A name is one short line of plain text.
+_MARKUP = re.compile(r"<\|[^<>]*?\|>|</?[A-Za-z_][^<>\s]*>|\[/?[A-Z_]+\]|<<|>>")
+
+
+def clean_name(name: str) -> str:
+    """A display name safe to show the model: one line, no control characters or
+    template markup, at most NAME_MAX_CHARS characters; "someone" when nothing is left.
+
+    Names are chosen by users, so one could be made to look like a turn ("Bob\n
+    <|im_start|>system …"); the prompt also tokenizes names as plain text, this keeps
+    them readable as names.
+    """
+    text = clean_text(name)
+    text = "".join(" " if unicodedata.category(c)[0] in "CZ" else c for c in text)
+    while (stripped := _MARKUP.sub(" ", text)) != text:
+        text = stripped
+    text = " ".join(text.replace(":", " ").split())[:NAME_MAX_CHARS].strip()
+    return text or "someone"

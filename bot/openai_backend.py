@@ -46,7 +46,7 @@ import aiohttp
 from bot.engine import Backend
 from bot.logs import redact
 from bot.messages import Turn
-from bot.prompt import Prompt
+from bot.prompt import Prompt, with_name
 from bot.settings import Settings, mask_url
 
 log = logging.getLogger(__name__)
@@ -134,18 +134,29 @@ def exchanges(history: Sequence[Turn]) -> list[tuple[Turn, Turn]]:
 
 
 def fit(
-    system: str, history: Sequence[Turn], user_text: str, budget: int, scale: float = 1.0
+    system: str,
+    history: Sequence[Turn],
+    user_text: str,
+    budget: int,
+    scale: float = 1.0,
+    speaker: str | None = None,
 ) -> Fitted:
     """The system prompt, the most recent whole exchanges and the user's message, within
-    `budget` tokens; when the message alone is over budget, its end is cut."""
+    `budget` tokens; when the message alone is over budget, its end is cut. With
+    `speaker`, user turns start with their authors' names (servers' templates differ in
+    whether they show OpenAI's `name` field; text reaches every model)."""
+    named = speaker is not None
     head = [{"role": "system", "content": system}] if system else []
-    user = {"role": "user", "content": user_text}
+    user = {"role": "user", "content": with_name(speaker or "", user_text)}
     kept: list[dict[str, str]] = []
     used = estimate_tokens([*head, user], scale)
     pairs = exchanges(history)
     for asked, answered in reversed(pairs):
         pair = [
-            {"role": "user", "content": asked.content},
+            {
+                "role": "user",
+                "content": with_name(asked.author_name if named else "", asked.content),
+            },
             {"role": "assistant", "content": answered.content},
         ]
         cost = estimate_tokens(pair, scale) - TOKENS_PER_MESSAGE  # no second end marker
@@ -154,9 +165,10 @@ def fit(
         kept[:0] = pair
         used += cost
     if used > budget:  # the message alone is too long: keep its start
-        room = budget - estimate_tokens([*head, {"role": "user", "content": ""}], scale)
+        empty = {"role": "user", "content": with_name(speaker or "", "")}
+        room = budget - estimate_tokens([*head, empty], scale)
         user_text = user_text[: max(int(room * CHARS_PER_TOKEN / scale), 0)]
-        user = {"role": "user", "content": user_text}
+        user = {"role": "user", "content": with_name(speaker or "", user_text)}
     return Fitted([*head, *kept, user], user_text, len(kept))
 
 
@@ -200,11 +212,15 @@ class OpenAIBackend(Backend):
         return self.window - reply, reply
 
     async def prepare(
-        self, history: list[Turn], user_text: str, system_prompt: str | None = None
+        self,
+        history: list[Turn],
+        user_text: str,
+        system_prompt: str | None = None,
+        speaker: str | None = None,
     ) -> Prompt:
         cut = user_text[:MAX_MESSAGE_CHARS]
         system = self.system_prompt if system_prompt is None else system_prompt
-        fitted = fit(system, history, cut, self._budget()[0], self.scale)
+        fitted = fit(system, history, cut, self._budget()[0], self.scale, speaker)
         return Prompt(
             [],
             fitted.user_text,

@@ -43,17 +43,63 @@ class ChatTokenizer(Protocol):
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """How a model wants its conversation: with a system prompt, or turns only."""
+    """How a model wants its conversation: with a system prompt, or turns only; and
+    how it is told who said a turn: the template's `name` field where the template
+    renders it (`names_in_template`), else the name before the turn's text."""
 
     is_encoder_decoder: bool
     system_prompt: str
+    names_in_template: bool = False
 
-    def messages(self, history: Sequence[Turn], user_text: str) -> list[dict[str, str]]:
-        messages = [{"role": t.role, "content": t.content} for t in history]
-        messages.append({"role": "user", "content": user_text})
+    def messages(
+        self, history: Sequence[Turn], user_text: str, speaker: str | None = None
+    ) -> list[dict[str, str]]:
+        """Chat messages; with `speaker` (the new message's author), each user turn
+        carries its author's name (names are cleaned when stored: bot.messages)."""
+        named = speaker is not None
+        messages = [
+            self._message(t.role, t.content, t.author_name if named else "") for t in history
+        ]
+        messages.append(self._message("user", user_text, speaker or ""))
         if not self.is_encoder_decoder and self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         return messages
+
+    def _message(self, role: str, content: str, name: str) -> dict[str, str]:
+        if not name or role != "user":
+            return {"role": role, "content": content}
+        if self.names_in_template:
+            return {"role": role, "content": content, "name": name}
+        return {"role": role, "content": with_name(name, content)}
+
+
+def with_name(name: str, content: str) -> str:
+    """A turn's text with its author's name before it, for models (and servers) whose
+    template has no place for a name."""
+    return f"{name}: {content}" if name else content
+
+
+def _render(
+    tokenizer: ChatTokenizer, is_encoder_decoder: bool, messages: list[dict[str, str]]
+) -> str:
+    if is_encoder_decoder:
+        template = tokenizer.chat_template or BLENDERBOT_TEMPLATE
+        rendered = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    else:
+        rendered = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+    return str(rendered)
+
+
+def renders_names(tokenizer: ChatTokenizer, is_encoder_decoder: bool) -> bool:
+    """Whether the model's chat template shows a message's `name` field."""
+    probe = "\x00name-probe\x00"
+    message = {"role": "user", "content": "hello", "name": probe}
+    try:
+        return probe in _render(tokenizer, is_encoder_decoder, [message])
+    except Exception:  # a template that rejects the field: names go in the text
+        return False
 
 
 def encode(
@@ -67,23 +113,21 @@ def encode(
     `<|im_start|>` typed by a user stays those characters, never the special token.
     """
     nonce = secrets.token_hex(8)
-    marks = [f"\x00{nonce}:{i}\x00" for i in range(len(messages))]
-    stand_ins = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
-    if fmt.is_encoder_decoder:
-        template = tokenizer.chat_template or BLENDERBOT_TEMPLATE
-        rendered = tokenizer.apply_chat_template(stand_ins, chat_template=template, tokenize=False)
-    else:
-        rendered = tokenizer.apply_chat_template(
-            stand_ins, add_generation_prompt=True, tokenize=False
-        )
+    # Every field a user can write (content, name) is a placeholder while rendering.
+    stand_ins = [
+        {k: f"\x00{nonce}:{i}:{k}\x00" if k in ("content", "name") else v for k, v in m.items()}
+        for i, m in enumerate(messages)
+    ]
+    rendered = _render(tokenizer, fmt.is_encoder_decoder, stand_ins)
     ids: list[int] = []
-    # Odd pieces are message indices (the capture group); even pieces are template text.
-    pieces = re.split(f"\x00{nonce}:(\\d+)\x00", str(rendered))
-    for i, piece in enumerate(pieces):
-        if i % 2:
-            ids += encode_text(tokenizer, messages[int(piece)]["content"])
-        elif piece:
-            ids += tokenizer.encode(piece, add_special_tokens=False)
+    position = 0
+    for mark in re.finditer(f"\x00{nonce}:(\\d+):(content|name)\x00", rendered):
+        if mark.start() > position:  # template text before it
+            ids += tokenizer.encode(rendered[position : mark.start()], add_special_tokens=False)
+        ids += encode_text(tokenizer, messages[int(mark.group(1))][mark.group(2)])
+        position = mark.end()
+    if position < len(rendered):
+        ids += tokenizer.encode(rendered[position:], add_special_tokens=False)
     return ids
 
 
@@ -131,6 +175,7 @@ def build_prompt(
     budget: int,
     *,
     sliding: bool = False,
+    speaker: str | None = None,
 ) -> Prompt:
     """The history that fits in `budget` tokens with the new message.
 
@@ -144,12 +189,14 @@ def build_prompt(
     then stays put for several turns, so the prompt's beginning, and the model cache
     kept for it, stays the same between them instead of changing at every turn; the
     price is a few of the oldest exchanges that would have fitted.
+
+    `speaker`: the new message's author, when the model is to see who said each turn.
     """
     # Kept history must start at a user turn: some chat templates refuse otherwise.
     starts = [i for i, turn in enumerate(history) if turn.role == "user"] + [len(history)]
 
     def size(start: int, text: str) -> int:
-        return len(encode(tokenizer, fmt, fmt.messages(history[start:], text)))
+        return len(encode(tokenizer, fmt, fmt.messages(history[start:], text, speaker)))
 
     # Fewer turns dropped means a longer prompt: find the first start that fits.
     first_fit = bisect.bisect_left(starts, True, key=lambda s: size(s, user_text) <= budget)
@@ -159,9 +206,9 @@ def build_prompt(
             # At most 2 * ANCHOR_EVERY more exchanges dropped to reach an anchor.
             near = starts[first_fit : min(first_fit + 2 * ANCHOR_EVERY, len(starts) - 1)]
             start = next((s for s in near if _anchor(history[s])), start)
-        ids = encode(tokenizer, fmt, fmt.messages(history[start:], user_text))
+        ids = encode(tokenizer, fmt, fmt.messages(history[start:], user_text, speaker))
         return Prompt(ids, user_text, len(history) - start, False, len(user_text))
-    return _cut_message(tokenizer, fmt, user_text, budget)
+    return _cut_message(tokenizer, fmt, user_text, budget, speaker)
 
 
 ANCHOR_EVERY = 4
@@ -173,13 +220,15 @@ def _anchor(turn: Turn) -> bool:
     return digest[0] % ANCHOR_EVERY == 0
 
 
-def _cut_message(tokenizer: ChatTokenizer, fmt: PromptFormat, text: str, budget: int) -> Prompt:
-    overhead = len(encode(tokenizer, fmt, fmt.messages([], "")))
+def _cut_message(
+    tokenizer: ChatTokenizer, fmt: PromptFormat, text: str, budget: int, speaker: str | None
+) -> Prompt:
+    overhead = len(encode(tokenizer, fmt, fmt.messages([], "", speaker)))
     tokens = encode_text(tokenizer, text)
     keep = max(budget - overhead, 0)
     while True:
         cut = tokenizer.decode(tokens[:keep])
-        ids = encode(tokenizer, fmt, fmt.messages([], cut))
+        ids = encode(tokenizer, fmt, fmt.messages([], cut, speaker))
         # Decoding and re-encoding can merge tokens differently: shrink until it fits.
         if len(ids) <= budget or keep == 0:
             return Prompt(ids, cut, 0, True, len(text))

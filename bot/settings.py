@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = None
     memory_max_turns: PositiveInt = 20
     memory_ttl_seconds: PositiveInt = 7 * 24 * 3600
+    # In shared conversations (channels, threads), show the model who said each turn
+    speaker_names: bool = True
+    # Text files attached to a message: read up to this many bytes each (0: none read)
+    attachment_max_bytes: int = Field(default=100_000, ge=0, le=10_000_000)
+    attachment_timeout_seconds: float = Field(default=10.0, gt=0)  # per file download
 
     # Shared by the platforms
     rate_limit_per_minute: int = Field(default=6, ge=0)  # per user; 0: no limit
@@ -127,6 +132,11 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    # Also write the log (at LOG_LEVEL) to this file; unset: stderr only
+    log_file: Path | None = None
+    # The interactive console keeps the terminal for the conversation: only records at
+    # this level or above reach it (the rest go to LOG_FILE when set)
+    console_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     metrics_port: int | None = Field(default=None, ge=1, le=65535)  # unset: no endpoint
 
     @field_validator(
@@ -228,7 +238,12 @@ class Settings(BaseSettings):
             return value
         raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_file", mode="before")
+    @classmethod
+    def _empty_path(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("log_level", "console_log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from bot.engine import Engine, LocalBackend
 from bot.messages import Turn
-from bot.prompt import Prompt
+from bot.prompt import Prompt, PromptFormat
 
 
 class ScriptedModel:
@@ -31,13 +31,23 @@ class ScriptedModel:
         self.histories: list[list[Turn]] = []
         self.inputs: list[str] = []
         self.system_prompts: list[str | None] = []
+        self.speakers: list[str | None] = []
+        # Each prompt's chat messages as a model without a `name` field sees them.
+        self.prompts: list[list[dict[str, str]]] = []
 
     def prepare(
-        self, history: list[Turn], user_text: str, system_prompt: str | None = None
+        self,
+        history: list[Turn],
+        user_text: str,
+        system_prompt: str | None = None,
+        speaker: str | None = None,
     ) -> Prompt:
         self.histories.append(list(history))
         self.inputs.append(user_text)
         self.system_prompts.append(system_prompt)
+        self.speakers.append(speaker)
+        fmt = PromptFormat(False, system_prompt or "")
+        self.prompts.append(fmt.messages(history, user_text, speaker))
         return Prompt([], user_text, len(history), False, len(user_text))
 
     def generate_batch(

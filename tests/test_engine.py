@@ -34,9 +34,13 @@ class Recorder:
         self.generations = 0
 
     def prepare(
-        self, history: list[Turn], user_text: str, system_prompt: str | None = None
+        self,
+        history: list[Turn],
+        user_text: str,
+        system_prompt: str | None = None,
+        speaker: str | None = None,
     ) -> Prompt:
-        return self.inner.prepare(history, user_text, system_prompt)
+        return self.inner.prepare(history, user_text, system_prompt, speaker)
 
     def generate_batch(
         self,

@@ -84,8 +84,14 @@ class PromptSpy:
         self.inner = inner
         self.prompts: list[str] = []
 
-    def prepare(self, history: list[Turn], user_text: str, system_prompt: str | None = None) -> Any:
-        return self.inner.prepare(history, user_text, system_prompt)
+    def prepare(
+        self,
+        history: list[Turn],
+        user_text: str,
+        system_prompt: str | None = None,
+        speaker: str | None = None,
+    ) -> Any:
+        return self.inner.prepare(history, user_text, system_prompt, speaker)
 
     def generate_batch(self, prompts: Any, sinks: Any, stops: Any) -> list[str]:
         for prompt in prompts:

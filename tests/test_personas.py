@@ -41,8 +41,14 @@ async def test_persona_replaces_the_system_prompt_in_its_channel(
     seen: list[str] = []
 
     class Spy:
-        def prepare(self, history: Any, text: str, system_prompt: str | None = None) -> Any:
-            prompt = model.prepare(history, text, system_prompt)
+        def prepare(
+            self,
+            history: Any,
+            text: str,
+            system_prompt: str | None = None,
+            speaker: str | None = None,
+        ) -> Any:
+            prompt = model.prepare(history, text, system_prompt, speaker)
             seen.append(bundled.tokenizer.decode(prompt.input_ids))
             return prompt
 
