@@ -166,5 +166,6 @@ async def read_files(
     if too_big:
         notes.append(f"(I skipped {_listing(too_big)}: I read files of up to {max_bytes:,} bytes.)")
     if failed:
-        notes.append(f"(I couldn't download {_listing(failed)}, so I answered without it.)")
+        it = "it" if len(failed) == 1 else "them"
+        notes.append(f"(I couldn't download {_listing(failed)}, so I answered without {it}.)")
     return ReadFiles(tuple(files), tuple(notes))

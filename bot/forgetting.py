@@ -36,12 +36,14 @@ def describe(forgotten: Forgotten) -> str:
     """What the person is told, privately."""
     if forgotten.turns == 0:
         return "I had nothing stored from you: there was nothing to forget."
-    messages = "message" if forgotten.turns == 1 else "messages"
-    places = "conversation" if forgotten.conversations == 1 else "conversations"
-    return (
-        f"Done: I deleted {forgotten.turns:,} of your {messages} and my replies to them, "
-        f"from {forgotten.conversations:,} {places}."
+    one = forgotten.turns == 1
+    messages = (
+        "1 message you wrote, and my reply to it"
+        if one
+        else (f"{forgotten.turns:,} messages you wrote, and my replies to them")
     )
+    places = "conversation" if forgotten.conversations == 1 else "conversations"
+    return f"Done: I deleted {messages}, from {forgotten.conversations:,} {places}."
 
 
 async def forget_person(

@@ -69,7 +69,8 @@ async def test_greedy_answer_to_a_known_question(bundled: LoadedModel) -> None:
     reply = await engine.reply(msg("What is the capital of France?"))
     assert reply.ok and "Paris" in reply.text
     stored = await engine.memory.history(ConversationKey("test", "c1"))
-    assert stored == [Turn("user", "What is the capital of France?"), Turn("assistant", reply.text)]
+    asked = Turn("user", "What is the capital of France?", "u1", "User")
+    assert stored == [asked, Turn("assistant", reply.text)]
     await engine.close()
 
 

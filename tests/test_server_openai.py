@@ -170,7 +170,8 @@ def backend_for(server: FakeLLM, **values: Any) -> OpenAIBackend:
 
 
 def msg(text: str, n: int = 0) -> Message:
-    return Message(CONV, "u", "U", text, message_id=str(n))
+    # A DM: these tests are about fitting, not names (tests/test_speakers.py).
+    return Message(CONV, "u", "U", text, message_id=str(n), is_direct=True)
 
 
 def server_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:

@@ -1,0 +1,123 @@
+"""Attached files: which are read, bounded downloads, and how the model and the person
+see them (the platforms' downloads are tested through their fakes)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from bot.attachments import FileRef, decode, is_text, prompt_text, read_files
+from bot.engine import Engine
+from bot.memory import InProcessMemory
+from bot.messages import ConversationKey, FileText, Message
+from tests.scripted import ScriptedModel
+
+
+def ref(name: str, content_type: str = "", size: int = 10) -> FileRef:
+    return FileRef(name, size, content_type, f"https://files.example/{name}")
+
+
+@pytest.mark.parametrize(
+    ("name", "content_type", "text"),
+    [
+        ("notes.txt", "text/plain; charset=utf-8", True),
+        ("app.log", "application/octet-stream", True),
+        ("main.ts", "video/mp2t", True),  # by its name, whatever the type says
+        ("data.json", "application/json", True),
+        ("Dockerfile", "", True),
+        ("page.html", "text/html", True),
+        ("config", "application/yaml", True),
+        ("photo.png", "image/png", False),
+        ("archive.zip", "application/zip", False),
+        ("blob", "", False),
+        ("report.pdf", "application/pdf", False),
+    ],
+)
+def test_text_files_by_type_or_name(name: str, content_type: str, text: bool) -> None:
+    assert is_text(ref(name, content_type)) is text
+
+
+def test_any_bytes_decode() -> None:
+    assert decode("héllo".encode()) == "héllo"
+    assert decode(b"\xef\xbb\xbfbom") == "bom"
+    assert decode("utf16 ✓".encode("utf-16")) == "utf16 ✓"
+    assert decode(b"bad \xff\xfe\x00 bytes") == "bad \ufffd\ufffd bytes"  # NUL dropped
+
+
+def test_the_question_comes_before_the_files() -> None:
+    text = prompt_text("What fails here?", [FileText("app.log", "line 1\nERROR x\n")])
+    assert text == "What fails here?\n\nAttached file app.log:\n```\nline 1\nERROR x\n```"
+    assert prompt_text("  ", []) == ""
+
+
+async def test_reading_decides_downloads_and_notes(caplog: pytest.LogCaptureFixture) -> None:
+    fetched: list[str] = []
+    bodies = {"a.txt": b"alpha", "lying.txt": b"x" * 500}
+
+    async def fetch(file: FileRef, limit: int) -> bytes:
+        fetched.append(file.name)
+        if file.name == "broken.txt":
+            raise ConnectionError("reset by peer")
+        if file.name == "slow.md":
+            await asyncio.sleep(30)
+        return bodies[file.name][: limit + 1]
+
+    refs = [
+        ref("a.txt", "text/plain", 5),
+        ref("photo.png", "image/png"),
+        ref("huge.csv", "text/csv", 10_000),
+        ref("lying.txt", "text/plain", 50),  # declared small, is not
+        ref("broken.txt", "text/plain"),
+        ref("slow.md", "text/markdown"),
+    ]
+    with caplog.at_level(logging.WARNING):
+        read = await read_files(refs, fetch, max_bytes=100, seconds_each=0.2, where="discord:7")
+    assert read.files == (FileText("a.txt", "alpha"),)
+    assert sorted(fetched) == ["a.txt", "broken.txt", "lying.txt", "slow.md"]  # not the rest
+    assert read.notes == (
+        "(I read text files only, so I skipped “photo.png”.)",
+        "(I skipped “huge.csv”, “lying.txt”: I read files of up to 100 bytes.)",
+        "(I couldn't download “broken.txt”, “slow.md”, so I answered without them.)",
+    )
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("broken.txt" in m and "discord:7" in m and "failed" in m for m in logged)
+    assert any("slow.md" in m and "discord:7" in m and "timed out" in m for m in logged)
+
+
+async def test_reading_nothing_when_turned_off() -> None:
+    async def fetch(file: FileRef, limit: int) -> bytes:
+        raise AssertionError("no download when ATTACHMENT_MAX_BYTES=0")
+
+    read = await read_files([ref("a.txt")], fetch, max_bytes=0, seconds_each=1, where="x")
+    assert read.files == () and read.notes == ("(I don't read attached files here.)",)
+
+
+async def test_the_engine_reads_files_and_shows_notes_first() -> None:
+    model = ScriptedModel("It fails on line 2.")
+    engine = Engine(model, InProcessMemory(20, 600))
+    channel = ConversationKey("slack", "C1", "1.0")
+    message = Message(
+        channel,
+        "U1",
+        "Ann",
+        "why?",
+        files=(FileText("app.log", "ok\nERROR boom"),),
+        notes=("(I read text files only, so I skipped “x.png”.)",),
+    )
+    reply = await engine.reply(message)
+    assert reply.text == "(I read text files only, so I skipped “x.png”.)\n\nIt fails on line 2."
+    assert model.inputs == ["why?\n\nAttached file app.log:\n```\nok\nERROR boom\n```"]
+    # The file is part of the stored turn: follow-ups can ask about it.
+    assert "ERROR boom" in (await engine.memory.history(channel))[0].content
+    # A message of only an image: the note is the answer, the model is not called.
+    only = Message(
+        channel, "U1", "Ann", "", notes=("(I read text files only, so I skipped “y.png”.)",)
+    )
+    assert (await engine.reply(only)).text == "(I read text files only, so I skipped “y.png”.)"
+    # A file and no text: answered.
+    alone = Message(channel, "U1", "Ann", "", files=(FileText("a.md", "# Title"),))
+    assert (await engine.reply(alone)).text == "It fails on line 2."
+    assert len(model.inputs) == 2
+    await engine.close()

@@ -1,0 +1,160 @@
+"""Forgetting a person: their turns and the replies to them go from every conversation
+of the platform, nobody else's; in Redis and in-process, from the engine and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from bot.engine import Engine
+from bot.forgetting import Forgotten, describe
+from bot.memory import InProcessMemory, Memory, RedisMemory, redis_key, user_key
+from bot.messages import ConversationKey, Message, Turn
+from bot.model import LoadedModel
+from tests.conftest import RedisServer, bot_env, greedy, run_bot
+from tests.scripted import ScriptedModel
+
+GENERAL = ConversationKey("discord", "100")
+THREAD = ConversationKey("discord", "100", "555")
+OTHER = ConversationKey("discord", "200")
+SLACK = ConversationKey("slack", "C1", "1.0")
+
+
+def said(conversation: ConversationKey, who: str, text: str) -> Message:
+    return Message(conversation, who, f"user{who}", text)
+
+
+@pytest.fixture(params=["redis", "in-process"])
+async def memory(request: pytest.FixtureRequest) -> AsyncIterator[Memory]:
+    store: Memory
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        store = RedisMemory(server.url, 20, 600)
+    else:
+        store = InProcessMemory(20, 600)
+    yield store
+    await store.close()
+
+
+async def chat(engine: Engine) -> None:
+    """Alice (1) and Bob (2) talk in two channels and a thread; Alice on Slack too,
+    with the same id (another platform: another person)."""
+    for conversation, who, text in [
+        (GENERAL, "1", "alice in general"),
+        (GENERAL, "2", "bob in general"),
+        (GENERAL, "1", "alice again"),
+        (THREAD, "1", "alice in a thread"),
+        (OTHER, "2", "bob elsewhere"),
+        (OTHER, "1", "alice elsewhere"),
+        (SLACK, "1", "alice on slack"),
+    ]:
+        await engine.reply(said(conversation, who, text))
+
+
+def texts(turns: list[Turn]) -> list[str]:
+    return [t.content for t in turns]
+
+
+async def test_forgetting_removes_exactly_that_persons_turns(memory: Memory) -> None:
+    engine = Engine(ScriptedModel(lambda text: f"re: {text}"), memory)
+    await chat(engine)
+    forgotten = await engine.forget_user("discord", "1")
+    assert forgotten == Forgotten(turns=4, conversations=3)
+    assert texts(await memory.history(GENERAL)) == ["bob in general", "re: bob in general"]
+    assert await memory.history(THREAD) == []
+    assert texts(await memory.history(OTHER)) == ["bob elsewhere", "re: bob elsewhere"]
+    # Another platform's person with the same id keeps theirs.
+    assert texts(await memory.history(SLACK)) == ["alice on slack", "re: alice on slack"]
+    assert await memory.conversations_of("discord", "1") == []
+    # Once more: nothing left.
+    assert await engine.forget_user("discord", "1") == Forgotten(0, 0)
+    # Bob's memory goes on as before.
+    await engine.reply(said(GENERAL, "2", "bob later"))
+    assert len(await memory.history(GENERAL)) == 4
+
+
+async def test_redis_keys_for_forgetting(redis_server: RedisServer) -> None:
+    memory = RedisMemory(redis_server.url, 20, 600)
+    engine = Engine(ScriptedModel(), memory)
+    await chat(engine)
+    probe = aioredis.from_url(redis_server.url, decode_responses=True)
+    key = user_key("discord", "1")
+    assert key == "chatbot:user:{discord:1}"  # hash-tagged: one slot per person
+    assert len(await probe.smembers(key)) == 3
+    assert 0 < await probe.ttl(key) <= 600  # expires with the conversations
+    before = await probe.ttl(redis_key(GENERAL))
+    await engine.forget_user("discord", "1")
+    assert await probe.exists(key) == 0
+    assert 0 < await probe.ttl(redis_key(GENERAL)) <= before  # TTL kept
+    assert await probe.exists(redis_key(THREAD)) == 0  # emptied: gone
+    await probe.aclose()
+    await engine.close()
+
+
+async def test_a_reply_in_progress_is_stored_then_forgotten() -> None:
+    memory = InProcessMemory(20, 600)
+    engine = Engine(ScriptedModel("a slow reply", chunk=1, delay=0.02), memory)
+    stream = engine.stream(said(OTHER, "1", "my first message here"))
+    chunks = aiter(stream)
+    await anext(chunks)  # generating now; nothing stored yet, no index lists OTHER
+    forgetting = asyncio.create_task(engine.forget_user("discord", "1"))
+    async for _ in chunks:
+        pass
+    assert await forgetting == Forgotten(1, 1)
+    assert await memory.history(OTHER) == []
+    await engine.close()
+
+
+async def test_the_model_cache_of_a_conversation_goes_too(bundled: LoadedModel) -> None:
+    generator = greedy(bundled, max_new_tokens=4)
+    scheduler = generator.scheduler
+    assert scheduler is not None
+    engine = Engine(generator, InProcessMemory(20, 600))
+    await engine.reply(said(GENERAL, "1", "my secret is 4417"))
+    assert len(scheduler.store) == 1
+    await engine.forget_user("discord", "1")
+    # Forgetting is done on the worker between steps: after another reply's, surely.
+    await engine.reply(said(OTHER, "2", "hello"))
+    assert scheduler.store.take(str(GENERAL)) is None
+    assert scheduler.store.take(str(OTHER)) is not None
+    await engine.close()
+
+
+def test_what_the_person_is_told() -> None:
+    assert describe(Forgotten(0, 0)).startswith("I had nothing stored from you")
+    assert describe(Forgotten(1, 1)) == (
+        "Done: I deleted 1 message you wrote, and my reply to it, from 1 conversation."
+    )
+    assert describe(Forgotten(3, 2)) == (
+        "Done: I deleted 3 messages you wrote, and my replies to them, from 2 conversations."
+    )
+
+
+async def test_the_command_line(redis_server: RedisServer) -> None:
+    memory = RedisMemory(redis_server.url, 20, 600)
+    engine = Engine(ScriptedModel(), memory)
+    await chat(engine)
+    done = await asyncio.to_thread(
+        run_bot,
+        "forget",
+        "--platform",
+        "discord",
+        "--user",
+        "1",
+        env=bot_env(REDIS_URL=redis_server.url),
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Deleted 4 turn(s) by discord user 1" in done.stdout
+    assert "3 conversation(s)" in done.stdout
+    assert texts(await memory.history(GENERAL)) == ["bob in general", "Scripted reply."]
+    # Without Redis there is nothing outside a running bot to delete: said, exit 2.
+    missing = await asyncio.to_thread(
+        run_bot, "forget", "--platform", "discord", "--user", "1", env=bot_env(), timeout=60
+    )
+    assert missing.returncode == 2 and "REDIS_URL" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    await engine.close()
