@@ -17,7 +17,7 @@ from tests.scripted import ScriptedModel
 
 
 def msg(text: str, channel: str) -> Message:
-    return Message(ConversationKey("test", channel), "u", "U", text)
+    return Message(ConversationKey("test", channel), "u", "U", text, is_direct=True)
 
 
 @pytest.fixture(scope="module")

@@ -107,8 +107,8 @@ async def test_seq2seq_model_through_the_same_loading_code(tiny_seq2seq: Path) -
     spy = PromptSpy(generator)
     engine = Engine(spy, InProcessMemory(20, 3600))
     key = ConversationKey("test", "s2s")
-    first = await engine.reply(Message(key, "u", "U", "Hello there."))
-    second = await engine.reply(Message(key, "u", "U", "How are you?"))
+    first = await engine.reply(Message(key, "u", "U", "Hello there.", is_direct=True))
+    second = await engine.reply(Message(key, "u", "U", "How are you?", is_direct=True))
     assert first.ok and second.ok
     # Turns only, BlenderBot's way: no system prompt, user turns after a space.
     assert "SYSTEM-PROMPT-TEXT" not in spy.prompts[1]
@@ -116,7 +116,9 @@ async def test_seq2seq_model_through_the_same_loading_code(tiny_seq2seq: Path) -
     assert spy.prompts[1].endswith("   How are you?<|im_end|>")
     # A long history is fitted into the encoder's 64 positions.
     for i in range(6):
-        await engine.reply(Message(key, "u", "U", f"Here is a longer message number {i}."))
+        await engine.reply(
+            Message(key, "u", "U", f"Here is a longer message number {i}.", is_direct=True)
+        )
     last = spy.prompts[-1]
     assert len(loaded.tokenizer.encode(last, add_special_tokens=False)) <= 64
     assert "number 5" in last and "Hello there." not in last

@@ -31,7 +31,7 @@ def fp32(model_cache_dir: Any) -> LoadedModel:
 
 
 def msg(text: str, channel: str) -> Message:
-    return Message(ConversationKey("test", channel), "u1", "User", text)
+    return Message(ConversationKey("test", channel), "u1", "User", text, is_direct=True)
 
 
 def bare(generator: Generator, history: list[Turn], text: str) -> str:
@@ -152,8 +152,10 @@ async def test_a_failing_row_fails_alone(fp32: LoadedModel) -> None:
     engine = Engine(generator, InProcessMemory(20, 600))
     original = generator.prepare
 
-    def poisoned(history: Sequence[Turn], text: str, system: str | None = None) -> Prompt:
-        prompt = original(history, text, system)
+    def poisoned(
+        history: Sequence[Turn], text: str, system: str | None = None, speaker: str | None = None
+    ) -> Prompt:
+        prompt = original(history, text, system, speaker)
         if "poison" in text:
             return dataclasses.replace(prompt, input_ids=[10**9, *prompt.input_ids])
         return prompt
