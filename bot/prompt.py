@@ -192,6 +192,10 @@ def build_prompt(
 
     `speaker`: the new message's author, when the model is to see who said each turn.
     """
+    if len(user_text) > budget * MAX_CHARS_PER_TOKEN:
+        # Cannot fit whatever the history: cut it by characters first, so that a huge
+        # message (a paste, attached files) is not tokenized whole at every probe.
+        return _cut_message(tokenizer, fmt, user_text, budget, speaker)
     # Kept history must start at a user turn: some chat templates refuse otherwise.
     starts = [i for i, turn in enumerate(history) if turn.role == "user"] + [len(history)]
 
@@ -220,11 +224,15 @@ def _anchor(turn: Turn) -> bool:
     return digest[0] % ANCHOR_EVERY == 0
 
 
+# A token is rarely longer than this many characters (and the cut is checked in tokens).
+MAX_CHARS_PER_TOKEN = 32
+
+
 def _cut_message(
     tokenizer: ChatTokenizer, fmt: PromptFormat, text: str, budget: int, speaker: str | None
 ) -> Prompt:
     overhead = len(encode(tokenizer, fmt, fmt.messages([], "", speaker)))
-    tokens = encode_text(tokenizer, text)
+    tokens = encode_text(tokenizer, text[: budget * MAX_CHARS_PER_TOKEN])
     keep = max(budget - overhead, 0)
     while True:
         cut = tokenizer.decode(tokens[:keep])

@@ -81,6 +81,26 @@ def test_message_longer_than_budget_is_cut_not_refused(bundled: LoadedModel) -> 
     assert "You are Testbot." in text_of(bundled, prompt.input_ids)
 
 
+def test_a_huge_message_is_never_tokenized_whole(bundled: LoadedModel) -> None:
+    """A megabyte (a paste, attached files) costs what a message that just misses the
+    budget costs: only its start is tokenized."""
+    encoded: list[int] = []
+
+    class Spy:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(bundled.tokenizer, name)
+
+        def encode(self, text: str, **kwargs: Any) -> list[int]:
+            encoded.append(len(text))
+            return list(bundled.tokenizer.encode(text, **kwargs))
+
+    huge = "lorem ipsum dolor " * 60_000  # ~1 MB
+    prompt = build_prompt(Spy(), CHAT, history(3), huge, budget=300)
+    assert prompt.truncated and len(prompt.input_ids) <= 300
+    assert prompt.original_chars == len(huge) and huge.startswith(prompt.user_text)
+    assert max(encoded) <= 300 * 32
+
+
 def test_encoder_decoder_prompt_is_turns_only_in_blenderbot_format(bundled: LoadedModel) -> None:
     tokenizer: Any = bundled.tokenizer
     fmt = PromptFormat(is_encoder_decoder=True, system_prompt="ignored by seq2seq models")
