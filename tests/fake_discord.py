@@ -4,7 +4,9 @@ discord.py connects to it unmodified but for `Route.BASE`: it logs in over REST,
 opens the gateway, identifies, gets READY and GUILD_CREATE, and then the tests
 dispatch recorded gateway events (MESSAGE_CREATE, INTERACTION_CREATE) to it. Every
 REST call the bot makes is recorded with its JSON body, so tests inspect what went
-over the wire (content, allowed_mentions, message_reference).
+over the wire (content, allowed_mentions, message_reference). It also stands in for
+Discord's CDN: attachments a test hosts are served at their `url` (or fail, or hang),
+and each download is recorded too.
 
 Discord's real formats: payloads under tests/payloads/discord/ follow the API docs.
 """
@@ -19,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
@@ -36,6 +39,9 @@ VIP_ROLE = "4000000000000000003"
 ANN = "5000000000000000001"
 BOB = "5000000000000000002"
 OTHER_BOT = "5000000000000000003"
+EVE = "5000000000000000004"
+# Display names (global_name) of the people above, as their messages carry them.
+NAMES = {ANN: "Ann", BOB: "Bob", EVE: "Eve"}
 
 
 def payload(name: str) -> dict[str, Any]:
@@ -82,12 +88,20 @@ class FakeDiscord(FakeServer[Call]):
         self.fail: dict[str, list[int]] = {}
         # message ids gone from Discord: deleted by the bot, or by their author
         self.deleted: set[str] = set()
+        # CDN path -> (HTTP status, body, hang) of an attachment the fake serves
+        self.files: dict[str, tuple[int, bytes, bool]] = {}
+        self._release = asyncio.Event()  # ends hanging downloads when the fake stops
         self._ids = itertools.count(9000000000000000001)
         self._seq = itertools.count(1)
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/gateway", self._gateway)
         app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
+        app.router.add_get("/attachments/{tail:.*}", self._cdn)
+
+    async def stop(self) -> None:
+        self._release.set()
+        await super().stop()
 
     @property
     def base_url(self) -> str:
@@ -190,6 +204,38 @@ class FakeDiscord(FakeServer[Call]):
                 message_id = str(next(self._ids))
             return json_response(self.message(GENERAL, message_id, body or {}))
         return json_response({"message": "404: Not Found", "code": 0}, 404)
+
+    # --- the CDN ----------------------------------------------------------------------
+
+    def host(
+        self,
+        attachment: dict[str, Any],
+        body: bytes,
+        *,
+        status: int = 200,
+        hang: bool = False,
+        size: int | None = None,
+    ) -> dict[str, Any]:
+        """Serve `body` for a recorded attachment object; returns the object pointed at
+        this fake (`url`, `proxy_url`), with `size` as declared (default: the body's)."""
+        served = copy.deepcopy(attachment)
+        for name in ("url", "proxy_url"):
+            parts = urlsplit(served[name])
+            served[name] = f"http://127.0.0.1:{self.port}{parts.path}?{parts.query}"
+        served["size"] = len(body) if size is None else size
+        self.files[urlsplit(served["url"]).path] = (status, body, hang)
+        return served
+
+    def downloads(self) -> list[str]:
+        """Paths of the attachments the bot downloaded (or tried to), in order."""
+        return [c.path for c in self.calls if c.path.startswith("/attachments/")]
+
+    async def _cdn(self, request: web.Request) -> web.StreamResponse:
+        await self.record(Call(request.method, request.path, None, dict(request.query)))
+        status, body, hang = self.files.get(request.path, (404, b"", False))
+        if hang:
+            await self._release.wait()
+        return web.Response(body=body, status=status, content_type="application/octet-stream")
 
     def message(self, channel: str, message_id: str, body: dict[str, Any]) -> dict[str, Any]:
         data = copy.deepcopy(payload("message_create"))

@@ -2,14 +2,15 @@
 
 Decisions (who is answered, in which conversation, how a reply is cut into
 messages) live in `adapters.discord.translate`; this module does the I/O: the
-gateway, typing, posting and editing replies as they stream, slash commands, and a
-graceful stop.
+gateway, downloading attachments, typing, posting and editing replies as they
+stream, slash commands, and a graceful stop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -27,14 +28,19 @@ from adapters.discord.translate import (
     Rules,
     Trigger,
     conversation_key,
+    file_refs,
+    interaction_names,
     invite_url,
     member_role_ids,
     place_ids,
+    readable_mentions,
     reply_parts,
+    strip_mentions,
     to_message,
     trigger,
 )
-from bot import personas
+from bot import forgetting, personas
+from bot.attachments import FileRef, read_files
 from bot.engine import Engine
 from bot.inflight import InFlight
 from bot.messages import Message
@@ -67,6 +73,8 @@ class DiscordAdapter:
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
         self.pacer = EditPacer(edit_interval)
         self.typing_interval = typing_interval  # Discord shows "is typing…" for ~10 s
+        self.attachment_max_bytes = settings.attachment_max_bytes
+        self.attachment_seconds = settings.attachment_timeout_seconds
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enable it in the Developer Portal
         if settings.discord_shard_count:
@@ -182,7 +190,7 @@ class DiscordAdapter:
                 await self._safely(message.channel, self._reply_text(message, note))
             return
         incoming = to_message(message, me)
-        if not incoming.text:
+        if not incoming.text and not message.attachments:
             await self._safely(message.channel, self._reply_text(message, HELP_LINE))
             return
         if isinstance(message.channel, discord.Thread):
@@ -203,10 +211,35 @@ class DiscordAdapter:
             self._not_ours.add(thread.id)
         return False
 
+    async def _with_files(self, origin: discord.Message, incoming: Message) -> Message:
+        """`incoming` with `origin`'s text attachments read, and notes for the others.
+
+        `Attachment.read` downloads the whole file; a file declared over the cap is
+        skipped before any download, so only one that lied about its size is read past it.
+        """
+        refs = file_refs(origin)
+        if not refs:
+            return incoming
+        by_url = {attachment.url: attachment for attachment in origin.attachments}
+
+        async def fetch(ref: FileRef, limit: int) -> bytes:
+            return (await by_url[ref.url].read())[: limit + 1]
+
+        read = await read_files(
+            refs,
+            fetch,
+            max_bytes=self.attachment_max_bytes,
+            seconds_each=self.attachment_seconds,
+            where=f"channel {origin.channel.id}",
+        )
+        return dataclasses.replace(incoming, files=read.files, notes=read.notes)
+
     async def _answer(self, origin: discord.Message, incoming: Message) -> None:
-        """Stream the reply: the first part replies to `origin`, the rest follow it."""
+        """Read the attachments, then stream the reply: the first part replies to
+        `origin`, the rest follow it."""
 
         async with self._typing(origin.channel) as stop_typing:
+            incoming = await self._with_files(origin, incoming)
 
             async def post(index: int, part: str) -> discord.Message:
                 if index == 0:
@@ -297,6 +330,10 @@ class DiscordAdapter:
         async def reset(interaction: discord.Interaction) -> None:
             await self.slash_reset(interaction)
 
+        @self.tree.command(name="forget", description=forgetting.COMMAND_HELP)
+        async def forget(interaction: discord.Interaction) -> None:
+            await self.slash_forget(interaction)
+
         @self.tree.command(name="help", description="How to talk to the bot")
         async def help_(interaction: discord.Interaction) -> None:
             await interaction.response.send_message(HELP_LINE, ephemeral=True)
@@ -318,14 +355,18 @@ class DiscordAdapter:
 
         self.tree.add_command(persona)
 
-    def _interaction_allowed(self, interaction: discord.Interaction) -> bool:
-        return self._inflight.accepting and self._allowed(
+    async def _refused(self, interaction: discord.Interaction) -> bool:
+        """Whether the command is refused here (not allowed, or the bot is stopping);
+        the person is told so privately."""
+        allowed = self._inflight.accepting and self._allowed(
             interaction.user, interaction.guild, interaction.channel
         )
+        if not allowed:
+            await interaction.response.send_message(REFUSAL, ephemeral=True)
+        return not allowed
 
     async def slash_ask(self, interaction: discord.Interaction, prompt: str) -> None:
-        if not self._interaction_allowed(interaction):
-            await interaction.response.send_message(REFUSAL, ephemeral=True)
+        if await self._refused(interaction):
             return
         user = str(interaction.user.id)
         if self.limiter.check(user) is not Verdict.ALLOW:
@@ -333,11 +374,12 @@ class DiscordAdapter:
             await interaction.response.send_message(note, ephemeral=True)
             return
         await interaction.response.defer(thinking=True)
+        text = strip_mentions(prompt, self.identity(interaction.guild))
         incoming = Message(
             conversation=conversation_key(interaction.channel),
             author_id=user,
             author_name=interaction.user.display_name,
-            text=prompt,
+            text=readable_mentions(text, interaction_names(interaction, text)),
             message_id=str(interaction.id),
             timestamp=interaction.created_at,
             is_direct=interaction.guild is None,
@@ -355,8 +397,7 @@ class DiscordAdapter:
     async def slash_persona(
         self, interaction: discord.Interaction, action: personas.Action, text: str
     ) -> None:
-        if not self._interaction_allowed(interaction):
-            await interaction.response.send_message(REFUSAL, ephemeral=True)
+        if await self._refused(interaction):
             return
         in_guild = interaction.guild is not None
         if action != "show" and in_guild and not interaction.permissions.manage_channels:
@@ -366,8 +407,7 @@ class DiscordAdapter:
         await self._after_defer(interaction, lambda: personas.run(self.engine, key, action, text))
 
     async def slash_reset(self, interaction: discord.Interaction) -> None:
-        if not self._interaction_allowed(interaction):
-            await interaction.response.send_message(REFUSAL, ephemeral=True)
+        if await self._refused(interaction):
             return
 
         async def reset() -> str:
@@ -375,6 +415,17 @@ class DiscordAdapter:
             return "Done: I've forgotten this channel's conversation."
 
         await self._after_defer(interaction, reset)
+
+    async def slash_forget(self, interaction: discord.Interaction) -> None:
+        """Delete what the person told the bot, in every conversation on Discord."""
+        if await self._refused(interaction):
+            return
+        user = str(interaction.user.id)
+
+        async def forget() -> str:
+            return forgetting.describe(await self.engine.forget_user(PLATFORM, user))
+
+        await self._after_defer(interaction, forget)
 
     async def _after_defer(
         self, interaction: discord.Interaction, work: Callable[[], Awaitable[str]]

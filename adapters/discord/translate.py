@@ -1,20 +1,22 @@
 """Pure translation between discord.py objects and the bot's common types.
 
 No network here: which messages the bot answers, the conversation they belong to,
-their text without the bot's mention, who may use the bot, and a reply as the list
-of Discord messages to send.
+their text without the bot's mention and with other mentions as names, their
+attachments as file references, who may use the bot, and a reply as the list of
+Discord messages to send.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Container, Iterable
-from dataclasses import dataclass
+from collections.abc import Container, Iterable, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import discord
 
-from bot.messages import ConversationKey, Message
+from bot.attachments import FileRef
+from bot.messages import ConversationKey, Message, clean_name
 from bot.settings import Settings
 from bot.splitting import split_message
 
@@ -31,8 +33,9 @@ PERMISSIONS = discord.Permissions(
 )
 HELP_LINE = (
     "Mention me with a question, reply to one of my messages, or send me a DM, and I'll "
-    "answer. `/ask` asks privately-to-the-channel, `/reset` makes me forget this "
-    "channel's conversation."
+    "answer; I read attached text files too. `/ask` asks privately-to-the-channel, "
+    "`/reset` makes me forget this channel's conversation, `/forget` deletes everything "
+    "you've told me, everywhere."
 )
 REFUSAL = "Sorry, I'm not available to you here."
 
@@ -52,8 +55,9 @@ class Identity:
     role_ids: frozenset[int] = frozenset()
 
     def mention_pattern(self) -> re.Pattern[str]:
+        """The bot's mentions, with the spaces and tabs around them (not newlines)."""
         forms = [rf"<@!?{self.user_id}>"] + [rf"<@&{role}>" for role in sorted(self.role_ids)]
-        return re.compile("|".join(forms))
+        return re.compile(rf"[ \t]*(?:{'|'.join(forms)})[ \t]*")
 
 
 @dataclass(frozen=True)
@@ -156,15 +160,100 @@ def conversation_key(channel: object) -> ConversationKey:
 
 
 def strip_mentions(text: str, me: Identity) -> str:
-    return re.sub(r"[ \t]{2,}", " ", me.mention_pattern().sub(" ", text)).strip()
+    """`text` without the bot's mentions; only the spaces around a mention collapse,
+    so pasted code keeps its indentation."""
+    return me.mention_pattern().sub(" ", text).strip()
+
+
+# Discord's mention syntax (https://discord.com/developers/docs/reference#message-formatting).
+USER_MENTION = re.compile(r"<@!?([0-9]{15,20})>")
+ROLE_MENTION = re.compile(r"<@&([0-9]{15,20})>")
+CHANNEL_MENTION = re.compile(r"<#([0-9]{15,20})>")
+
+
+@dataclass(frozen=True)
+class Names:
+    """Names for the ids a text mentions: people's display names, roles, channels."""
+
+    users: Mapping[int, str] = field(default_factory=dict)
+    roles: Mapping[int, str] = field(default_factory=dict)
+    channels: Mapping[int, str] = field(default_factory=dict)
+
+
+def readable_mentions(text: str, names: Names) -> str:
+    """Mentions as the Discord client shows them: `@Display Name`, `@role`, `#channel`.
+
+    The model never sees a raw id (meaningless to it, and easily repeated into a reply);
+    an id without a name is `@someone`. Names are chosen by users, so they are cleaned
+    like authors' names: a name cannot bring a line break or template markup along.
+    """
+
+    def name(table: Mapping[int, str], match: re.Match[str], unknown: str) -> str:
+        known = table.get(int(match[1]), "").lstrip("@#")  # the @everyone role's name
+        return clean_name(known) if known.strip() else unknown
+
+    text = USER_MENTION.sub(lambda m: "@" + name(names.users, m, "someone"), text)
+    text = ROLE_MENTION.sub(lambda m: "@" + name(names.roles, m, "some-role"), text)
+    return CHANNEL_MENTION.sub(lambda m: "#" + name(names.channels, m, "some-channel"), text)
+
+
+def message_names(message: discord.Message) -> Names:
+    """The names Discord sent with a message for the people, roles and channels it
+    mentions (a guild's channels from discord.py's cache of the guild)."""
+    return Names(
+        users={user.id: user.display_name for user in message.mentions},
+        roles={role.id: role.name for role in message.role_mentions},
+        channels={channel.id: channel.name for channel in message.channel_mentions},
+    )
+
+
+def interaction_names(interaction: discord.Interaction, text: str) -> Names:
+    """Names for the mentions in a slash command's text option.
+
+    Discord sends resolved users, roles and channels only for options of those types,
+    not for mentions typed into a string, so names come from what discord.py has
+    cached: the guild's roles and channels (all of them), the person running the
+    command, and whichever members and users it has seen; others stay `@someone`.
+    """
+    guild = interaction.guild
+    users: dict[int, str] = {interaction.user.id: interaction.user.display_name}
+    for user_id in map(int, USER_MENTION.findall(text)):
+        member = guild.get_member(user_id) if guild else None
+        person = member or interaction.client.get_user(user_id)
+        if person is not None:
+            users[user_id] = person.display_name
+    if guild is None:
+        return Names(users)
+    roles = {
+        role.id: role.name
+        for role in map(guild.get_role, map(int, ROLE_MENTION.findall(text)))
+        if role is not None
+    }
+    channels = {
+        channel.id: channel.name
+        for channel in map(guild.get_channel_or_thread, map(int, CHANNEL_MENTION.findall(text)))
+        if channel is not None
+    }
+    return Names(users, roles, channels)
+
+
+def file_refs(message: discord.Message) -> tuple[FileRef, ...]:
+    """The message's attachments as the platform describes them (name, declared size,
+    content type, CDN URL); whether and how they are read is `bot.attachments`'."""
+    return tuple(
+        FileRef(a.filename, a.size, a.content_type or "", a.url) for a in message.attachments
+    )
 
 
 def to_message(message: discord.Message, me: Identity) -> Message:
+    """The message as the engine takes it (its attachments are read apart: they take
+    downloads)."""
+    text = strip_mentions(message.content, me)
     return Message(
         conversation=conversation_key(message.channel),
         author_id=str(message.author.id),
         author_name=message.author.display_name,
-        text=strip_mentions(message.content, me),
+        text=readable_mentions(text, message_names(message)),
         message_id=str(message.id),
         timestamp=message.created_at,
         is_direct=message.guild is None,
