@@ -1,8 +1,8 @@
 """Chat with the bot in a terminal, through the same engine and memory as the platforms.
 
 Interactive (stdin is a terminal): a prompt, replies streamed as they are written,
-and the commands /reset, /help and /quit. Piped: one message per line, one reply
-per message, exit at end of input.
+each ending on its own line, and the commands below. Piped: one message per line,
+one reply per line, exit at end of input.
 """
 
 from __future__ import annotations
@@ -15,11 +15,15 @@ from typing import TextIO
 
 from bot import personas
 from bot.engine import Engine
+from bot.forgetting import describe
+from bot.logs import Terminal
 from bot.messages import ConversationKey, Message
 
 CONVERSATION = ConversationKey("console", "terminal")
+USER = "console"  # the one person at this terminal, as the engine knows them
 HELP = """Commands:
   /reset  forget this conversation
+  /forget delete everything you said that the bot stored, and its replies
   /persona set <text> | show | clear
           give this conversation its own system prompt
   /help   show this help
@@ -35,15 +39,18 @@ class ConsoleAdapter:
         stdin: TextIO | None = None,
         stdout: TextIO | None = None,
         interactive: bool | None = None,
+        terminal: Terminal | None = None,
     ) -> None:
+        """`terminal`: the one the log handler shares (bot.logs), so that log records
+        never land inside a line written here."""
         self._in = stdin or sys.stdin
         self._out = stdout or sys.stdout
         self._interactive = self._in.isatty() if interactive is None else interactive
+        self._terminal = terminal or Terminal(self._out)
         self._count = 0
 
-    def _write(self, text: str) -> None:
-        self._out.write(text)
-        self._out.flush()
+    def _write(self, text: str, *, prompt: bool = False) -> None:
+        self._terminal.write(text, prompt=prompt)
 
     def _start_reader(self, lines: asyncio.Queue[str | None]) -> None:
         """Read stdin on a daemon thread: readline blocks, and a thread stuck in it
@@ -69,7 +76,7 @@ class ConsoleAdapter:
         if stop.is_set():
             return None
         if self._interactive:
-            self._write("you> ")
+            self._write("you> ", prompt=True)
         line = asyncio.ensure_future(lines.get())
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait([line, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -78,13 +85,17 @@ class ConsoleAdapter:
             line.cancel()
             return None
         text = line.result()
-        return None if text is None else text.rstrip("\r\n")
+        if text is None:
+            return None
+        if self._interactive:
+            self._terminal.entered()
+        return text.rstrip("\r\n")
 
     def _message(self, text: str) -> Message:
         self._count += 1
         return Message(
             conversation=CONVERSATION,
-            author_id="console",
+            author_id=USER,
             author_name="you",
             text=text,
             message_id=str(self._count),
@@ -107,6 +118,9 @@ class ConsoleAdapter:
             elif text.lower() == "/reset":
                 await engine.reset(CONVERSATION)
                 self._write("Conversation forgotten.\n")
+            elif text.lower() == "/forget":
+                forgotten = await engine.forget_user(CONVERSATION.platform, USER)
+                self._write(describe(forgotten) + "\n")
             elif text.lower().startswith("/persona"):
                 command = personas.parse(text[len("/persona") :])
                 answer = await personas.run(engine, CONVERSATION, *command) if command else None
@@ -115,7 +129,9 @@ class ConsoleAdapter:
                 self._write("bot> ")
                 async for chunk in engine.stream(self._message(text)):
                     self._write(chunk)
-                self._write("\n")
+                self._terminal.end_line()
             else:
                 reply = await engine.reply(self._message(text))
                 self._write(reply.text + "\n")
+        if self._interactive:
+            self._terminal.end_line()  # after Ctrl-D at the prompt: the shell's on its own line

@@ -1,4 +1,6 @@
-"""Command line: `python -m bot` (every configured platform) or `python -m bot console`."""
+"""Command line: `python -m bot` (every configured platform), `python -m bot console`
+(chat in this terminal) or `python -m bot forget --platform P --user ID` (delete what
+a person wrote, from the store; no model is loaded)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
-from bot.logs import redact, setup_logging
+from bot.logs import Terminal, redact, setup_logging
 from bot.settings import ConfigError, load_settings
 
 if TYPE_CHECKING:
@@ -25,12 +27,15 @@ NOTHING_CONFIGURED = (
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bot", description=__doc__)
-    parser.add_argument(
-        "command",
-        nargs="?",
-        choices=["console"],
-        help="console: chat in this terminal (default: run the configured platforms)",
+    commands = parser.add_subparsers(
+        dest="command", title="commands", description="without one: run the configured platforms"
     )
+    commands.add_parser("console", help="chat in this terminal")
+    forget = commands.add_parser(
+        "forget", help="delete everything a person wrote (and the replies) from the store"
+    )
+    forget.add_argument("--platform", required=True, choices=["discord", "slack", "console"])
+    forget.add_argument("--user", required=True, help="the person's user id on that platform")
     args = parser.parse_args(argv)
     # Known once the settings are read: what is printed outside the log scrubber is
     # scrubbed here (a ConfigError may quote a URL).
@@ -38,7 +43,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
         secrets = settings.secret_values()
-        setup_logging(settings.log_level, secrets, json_lines=settings.log_format == "json")
+        # The interactive console keeps the terminal for the conversation (bot.logs).
+        terminal = (
+            Terminal(sys.stdout) if args.command == "console" and sys.stdin.isatty() else None
+        )
+        setup_logging(
+            settings.log_level,
+            secrets,
+            json_lines=settings.log_format == "json",
+            log_file=settings.log_file,
+            terminal=terminal,
+            terminal_level=settings.console_log_level,
+        )
+        if args.command == "forget":
+            from bot.forgetting import forget_cli  # the store only: no torch, no model
+
+            return forget_cli(settings, args.platform, args.user)
         # Imported only now: torch and transformers take seconds, and a bad setting
         # should be reported at once.
         from bot.app import serve
@@ -47,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "console":
             from adapters.console import ConsoleAdapter
 
-            adapters = [ConsoleAdapter()]
+            adapters = [ConsoleAdapter(terminal=terminal)]
         else:
             from adapters import configured
 

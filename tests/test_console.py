@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
+import fcntl
 import io
 import logging
+import os
+import pty
+import re
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -141,3 +149,132 @@ def test_sigterm_during_a_long_generation_exits_within_the_grace(
     )
     assert len(stored) in (0, 2), "whole exchanges only"
     logging.getLogger(__name__).info("exited %.1f s after SIGTERM (grace %d s)", waited, grace)
+
+
+class TtyConsole:
+    """`python -m bot console` on a pseudo-terminal (120 x 40), as a person runs it:
+    stdin, stdout and stderr all on the one terminal, whose screen is `screen`."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bot", "console"],
+            env=env,
+            cwd=REPO,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,  # the terminal is its controlling one
+        )
+        os.close(slave)
+        self.fd = master
+        self.screen = ""
+        self._read = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def _more(self, timeout: float) -> bool:
+        """Read what the bot wrote; False at its end."""
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return True
+        try:
+            data = os.read(self.fd, 65536)
+        except OSError:  # EIO: every writer has closed the terminal
+            data = b""
+        self.screen += self._decoder.decode(data, final=not data)
+        return bool(data)
+
+    def until(self, text: str, timeout: float = 120) -> str:
+        """What the screen got since the last call, up to and including `text`."""
+        deadline = time.monotonic() + timeout
+        while (found := self.screen.find(text, self._read)) < 0:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._more(left):
+                raise AssertionError(f"{text!r} never shown; the screen:\n{self.screen}")
+        start, self._read = self._read, found + len(text)
+        return self.screen[start : self._read]
+
+    def type(self, keys: str) -> None:
+        os.write(self.fd, keys.encode())
+
+    def end(self, timeout: float = 60) -> int:
+        """Ctrl-D at the prompt; the exit code."""
+        self.type("\x04")
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and self._more(left):
+            pass  # until the bot closes the terminal
+        return self.process.wait(timeout=5)
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        os.close(self.fd)
+
+
+BARS_OF_TRANSFORMERS = ("de-quantizing", "Loading weights", "Writing model shards")
+
+
+def assert_no_log_lines(screen: str) -> None:
+    for text in (" INFO ", "Replied in", "Still loading", "bot.model", *BARS_OF_TRANSFORMERS):
+        assert text not in screen, f"{text!r} on the screen:\n{screen}"
+
+
+def test_first_start_at_a_terminal_shows_one_bar_then_a_clean_conversation(
+    tmp_path: Path,
+) -> None:
+    """`make run` on a fresh machine: a status, one progress bar while the bundled model
+    is converted, "Ready", then replies that each end their line; the log goes to
+    LOG_FILE only."""
+    log_file = tmp_path / "bot.log"
+    console = TtyConsole(
+        bot_env(
+            MODEL_CACHE_DIR=str(tmp_path / "cache"),
+            LOG_FILE=str(log_file),
+            TEMPERATURE="0",
+            MAX_NEW_TOKENS="24",
+        )
+    )
+    try:
+        start = console.until("you> ", timeout=240)
+        console.type("What is the capital of France?\r")
+        first = console.until("you> ")
+        console.type("Thank you!\r")
+        second = console.until("you> ")
+        assert console.end() == 0
+    finally:
+        console.close()
+    assert_no_log_lines(console.screen)
+    status, rest = start.split("\r\n", 1)
+    assert status == "Loading the model (first start: converting it once, ~20 s)…"
+    # One bar, redrawn in place, ending at 100 % on its own line before "Ready".
+    assert re.fullmatch(
+        r"(\rConverting the model: +\d+%\|[^\r\n]*)+\r\n"
+        r"Ready \(\d+ s\)\.\r\nChatting with the bot\. /help lists the commands\.\r\nyou> ",
+        rest,
+    ), rest
+    assert "Converting the model: 100%" in rest
+    assert re.fullmatch(
+        r"What is the capital of France\?\r\nbot> [^\r\n]*Paris[^\r\n]*\r\nyou> ", first
+    )
+    assert second.startswith("Thank you!\r\nbot> ") and second.endswith("\r\nyou> ")
+    assert console.screen.endswith("you> \r\n")  # Ctrl-D: the shell's prompt starts afresh
+
+    log = log_file.read_text(encoding="utf-8")
+    assert "INFO bot.model: First start: converting the bundled model" in log
+    assert "INFO bot.model: Model ready in" in log
+    assert log.count("INFO bot.engine: Replied in console:terminal to message") == 2
+
+
+def test_later_start_at_a_terminal(model_cache_dir: Path, bundled: LoadedModel) -> None:
+    # `bundled` first: the session's model cache exists, so this start is the cached one.
+    console = TtyConsole(bot_env(MODEL_CACHE_DIR=str(model_cache_dir), LOG_LEVEL="DEBUG"))
+    try:
+        start = console.until("you> ", timeout=120)
+        assert console.end() == 0
+    finally:
+        console.close()
+    assert_no_log_lines(console.screen)
+    assert "DEBUG" not in console.screen  # CONSOLE_LOG_LEVEL (WARNING) holds the terminal
+    assert start.startswith("Loading the model…\r\n\rLoading the model: ")
+    assert re.search(r"Loading the model: 100%[^\r\n]*\r\nReady \(\d+ s\)\.\r\n", start)
