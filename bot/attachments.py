@@ -142,11 +142,13 @@ async def read_files(
         except TimeoutError:
             log.warning("Attachment %r in %s: download timed out", display_name(ref), where)
         except Exception as exc:
+            status = getattr(exc, "status", None)  # aiohttp's and discord.py's HTTP errors
             log.warning(
-                "Attachment %r in %s: download failed (%s)",
+                "Attachment %r in %s: download failed (%s%s)",
                 display_name(ref),
                 where,
                 type(exc).__name__,
+                f" {status}" if isinstance(status, int) else "",
                 exc_info=log.isEnabledFor(logging.DEBUG),
             )
         return None

@@ -10,8 +10,11 @@ import pytest
 
 from bot.attachments import FileRef, decode, is_text, prompt_text, read_files
 from bot.engine import Engine
+from bot.generation import Generator
 from bot.memory import InProcessMemory
 from bot.messages import ConversationKey, FileText, Message
+from bot.model import LoadedModel
+from tests.conftest import make_settings
 from tests.scripted import ScriptedModel
 
 
@@ -120,4 +123,28 @@ async def test_the_engine_reads_files_and_shows_notes_first() -> None:
     alone = Message(channel, "U1", "Ann", "", files=(FileText("a.md", "# Title"),))
     assert (await engine.reply(alone)).text == "It fails on line 2."
     assert len(model.inputs) == 2
+    await engine.close()
+
+
+async def test_the_real_model_with_default_settings_reads_a_big_file(bundled: LoadedModel) -> None:
+    """The bundled model, default settings, a shared channel: a 100 kB log attached to a
+    question is cut to the prompt budget (the reply says so) and answered; the stored
+    turn is what the model read, not the whole file."""
+    engine = Engine(Generator.from_settings(bundled, make_settings()), InProcessMemory(20, 600))
+    log_text = "".join(f"2026-11-30 12:{i % 60:02d} INFO request {i} ok\n" for i in range(2500))
+    assert len(log_text) > 90_000
+    channel = ConversationKey("discord", "9")
+    message = Message(
+        channel,
+        "1",
+        "Ann",
+        "Is there an error in this log?",
+        files=(FileText("app.log", log_text),),
+    )
+    reply = await engine.reply(message)
+    assert reply.ok and reply.truncated_input
+    assert reply.text.startswith("(Your message was too long for me")
+    stored = (await engine.memory.history(channel))[0].content
+    assert stored.startswith("Is there an error in this log?\n\nAttached file app.log:")
+    assert len(stored) < len(log_text) // 4
     await engine.close()

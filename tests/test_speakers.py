@@ -52,6 +52,9 @@ async def test_two_people_in_a_channel_each_turn_names_its_author() -> None:
     engine = Engine(model, InProcessMemory(20, 600))
     await engine.reply(said(CHANNEL, "1", "Alice", "I like tea."))
     await engine.reply(said(CHANNEL, "2", "Bob", "What did Alice say?"))
+    # Alice alone at first: no names (noise to one person); Bob's turn names both.
+    assert model.speakers == [None, "Bob"]
+    assert [m["content"] for m in model.prompts[0] if m["role"] == "user"] == ["I like tea."]
     messages = model.prompts[-1]
     users = [m["content"] for m in messages if m["role"] == "user"]
     assert users == ["Alice: I like tea.", "Bob: What did Alice say?"]
@@ -65,11 +68,14 @@ async def test_two_people_in_a_channel_each_turn_names_its_author() -> None:
 async def test_direct_messages_and_the_setting_show_no_names() -> None:
     model = ScriptedModel()
     engine = Engine(model, InProcessMemory(20, 600))
-    await engine.reply(said(ConversationKey("discord", "dm"), "1", "Alice", "hi", direct=True))
+    dm = ConversationKey("discord", "dm")
+    await engine.reply(said(dm, "1", "Alice", "hi", direct=True))
+    await engine.reply(said(dm, "2", "Bob", "hi", direct=True))  # (a DM has one person)
     off = Engine(model, InProcessMemory(20, 600), speaker_names=False)
     await off.reply(said(CHANNEL, "1", "Alice", "hi"))
-    assert model.speakers == [None, None]
-    assert [m["content"] for m in model.prompts[0] if m["role"] == "user"] == ["hi"]
+    await off.reply(said(CHANNEL, "2", "Bob", "hi"))
+    assert model.speakers == [None, None, None, None]
+    assert [m["content"] for m in model.prompts[-1] if m["role"] == "user"] == ["hi", "hi"]
     await engine.close()
     await off.close()
 
