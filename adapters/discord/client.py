@@ -417,8 +417,13 @@ class DiscordAdapter:
         await self._after_defer(interaction, reset)
 
     async def slash_forget(self, interaction: discord.Interaction) -> None:
-        """Delete what the person told the bot, in every conversation on Discord."""
-        if await self._refused(interaction):
+        """Delete what the person told the bot, in every conversation on Discord.
+
+        Not subject to the allow-lists: someone no longer allowed (a role taken away, a
+        channel closed) may still have their data deleted, and it touches only theirs.
+        """
+        if not self._inflight.accepting:
+            await interaction.response.send_message(REFUSAL, ephemeral=True)
             return
         user = str(interaction.user.id)
 
