@@ -10,31 +10,57 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from slack_sdk.signature import SignatureVerifier
 
-from adapters.slack.client import GREETING, UNFINISHED, SlackAdapter
-from adapters.slack.translate import CANNOT_POST, HELP_TEXT, REFUSAL, escape
+from adapters.slack.client import GREETING, UNFINISHED, SlackAdapter, UserNames
+from adapters.slack.translate import CANNOT_POST, HELP_TEXT, NEUTRAL_NAME, REFUSAL, escape
 from bot.dedupe import Dedupe, RedisDedupe
 from bot.engine import APOLOGY, Engine, ModelRunner
-from bot.memory import InProcessMemory
+from bot.forgetting import Forgotten, describe
+from bot.memory import InProcessMemory, Memory, RedisMemory, decode_turn, redis_key, user_key
 from bot.messages import ConversationKey, Turn
 from bot.model import LoadedModel
+from bot.prompt import Prompt
 from tests.conftest import RedisServer, free_port, greedy, make_settings
-from tests.fake_slack import ANN, BOB, BOT_USER, CHANNEL, DM, OTHER_CHANNEL, FakeSlack, payload
+from tests.fake_slack import (
+    ANN,
+    BOB,
+    BOT_USER,
+    CHANNEL,
+    DM,
+    EVE,
+    OTHER_CHANNEL,
+    Call,
+    FakeSlack,
+    payload,
+)
 from tests.scripted import ScriptedModel
 from tests.test_adapters_scripts import CountingMemory, FailsMidway, GatedModel
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 BOT_TOKEN = "xoxb-17653672481-19874698323-pdFZKVeTuE8sk7oOcBrzbqgy"
 APP_TOKEN = "xapp-1-A0APP00001-1234567890-abcdef0123456789"
+
+
+def _describe_event(event: dict[str, Any]) -> str:
+    """One line for a transcript: the event's kind, author, place, text and files."""
+    where = str(event.get("channel")) + (
+        f" thread {event['thread_ts']}" if "thread_ts" in event else ""
+    )
+    files = [f.get("name") or f.get("mode") for f in event.get("files", [])]
+    shared = f" files={files}" if files else ""
+    return f"{event.get('type')} from {event.get('user')} in {where}: {event.get('text')!r}{shared}"
 
 
 @dataclass
@@ -46,6 +72,7 @@ class SlackBot:
     task: asyncio.Task[None]
     session: aiohttp.ClientSession
     ids: Any
+    sent: list[tuple[float, str]] = field(default_factory=list)  # for transcripts
 
     @property
     def url(self) -> str:
@@ -80,6 +107,7 @@ class SlackBot:
 
     async def send(self, name: str = "app_mention", **event: Any) -> dict[str, Any]:
         body = self.event_body(name, **event)
+        self.sent.append((time.monotonic(), _describe_event(body["event"])))
         status, _ = await self.post(json.dumps(body))
         assert status == 200
         return body
@@ -105,6 +133,7 @@ class SlackBot:
             user_id=user,
             response_url=self.fake.response_url,
         )
+        self.sent.append((time.monotonic(), f"{command} {text!r} from {user} in {channel}"))
         status, _ = await self.post(
             urlencode(fields), content_type="application/x-www-form-urlencoded"
         )
@@ -139,14 +168,17 @@ async def slack_bot() -> AsyncIterator[Factory]:
     session = aiohttp.ClientSession()
 
     async def start(
-        runner: ModelRunner | None = None, dedupe: Dedupe | None = None, **values: Any
+        runner: ModelRunner | None = None,
+        dedupe: Dedupe | None = None,
+        memory: Memory | None = None,
+        **values: Any,
     ) -> SlackBot:
         values.setdefault("slack_signing_secret", SECRET)
         settings = make_settings(slack_bot_token=BOT_TOKEN, port=free_port(), **values)
         adapter = SlackAdapter(
             settings, dedupe=dedupe, base_url=base_url, edit_interval=0.2, host="127.0.0.1"
         )
-        engine = Engine(runner or ScriptedModel(), InProcessMemory(20, 3600))
+        engine = Engine(runner or ScriptedModel(), memory or InProcessMemory(20, 3600))
         stop = asyncio.Event()
         task = asyncio.create_task(adapter.run(engine, stop))
         await asyncio.wait_for(adapter.ready.wait(), 30)
@@ -264,7 +296,9 @@ async def test_bare_mention_gets_help(slack_bot: Factory) -> None:
     bot = await slack_bot(model)
     await bot.send("app_mention", text=f"<@{BOT_USER}>")
     (post,) = await bot.posts()
-    assert post.args["text"] == HELP_TEXT and model.inputs == []
+    # Escaped: Slack would read `<question>` as markup.
+    assert post.args["text"] == escape(HELP_TEXT) and model.inputs == []
+    assert "&lt;question&gt;" in post.args["text"]
 
 
 # --- exactly one reply --------------------------------------------------------------------------
@@ -502,7 +536,7 @@ async def test_socket_mode_receives_acks_and_answers(slack_bot: Factory) -> None
 @pytest.mark.model
 async def test_mention_answered_by_the_real_model(slack_bot: Factory, bundled: LoadedModel) -> None:
     bot = await slack_bot(greedy(bundled, max_new_tokens=16))
-    await bot.send("app_mention")
+    await bot.send("app_mention")  # one person in the thread: no name before the question
     await bot.posts()
     await bot.settle()
     (text,) = bot.fake.final_texts(CHANNEL)
@@ -762,3 +796,314 @@ async def test_a_natively_streamed_reply_that_fails_ends_with_the_apology_set_ap
             streamed += str(call.args.get("markdown_text") or "")
             streamed += "".join(c["text"] for c in call.args.get("chunks") or [])
     assert streamed == escape(text[:300] + "\n\n" + APOLOGY)
+
+
+# --- who said what (issue 11) --------------------------------------------------------------------
+
+
+class TimedModel(ScriptedModel):
+    """A scripted model that notes when each prompt was prepared (for transcripts)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prepared_at: list[float] = []
+
+    def prepare(self, *args: Any, **kwargs: Any) -> Prompt:
+        self.prepared_at.append(time.monotonic())
+        return super().prepare(*args, **kwargs)
+
+
+def _describe_call(call: Call) -> str | None:
+    args = call.args
+    if call.method == "users.info":
+        user = (call.response or {}).get("user") or {}
+        name = (user.get("profile") or {}).get("display_name") or user.get("real_name")
+        return f"users.info {args.get('user')} -> {name!r}"
+    if call.method == "files.info":
+        return f"files.info {args.get('file')}"
+    if call.method == "download":
+        auth = "Bearer <the bot token>" if args["authorization"] == f"Bearer {BOT_TOKEN}" else "?"
+        answer = call.status or "no answer"
+        return f"GET /files/{args['path']} ({auth}) -> {answer}"
+    if call.method in ("chat.postMessage", "chat.update"):
+        where = str(args.get("channel")) + (
+            f" thread {args['thread_ts']}" if args.get("thread_ts") else ""
+        )
+        return f"{call.method} {where}: {args.get('text')!r}"
+    if call.method == "response_url":
+        return f"ephemeral answer ({args.get('response_type')}): {args.get('text')!r}"
+    return None
+
+
+def transcript(title: str, bot: SlackBot, model: TimedModel, extra: str = "") -> None:
+    """With SLACK_TRANSCRIPTS=<file>, append what the fake Slack saw, in order: events
+    in, each prompt as the model saw it, and what the bot sent (for the issue's
+    closing note). Otherwise nothing."""
+    target = os.environ.get("SLACK_TRANSCRIPTS")
+    if not target:
+        return
+    lines: list[tuple[float, str]] = [(at, f"event in   {text}") for at, text in bot.sent]
+    for at, prompt in zip(model.prepared_at, model.prompts, strict=True):
+        shown = "\n".join(f"             {m['role']}: {m['content']!r}" for m in prompt)
+        lines.append((at, f"prompt     (as the model saw it)\n{shown}"))
+    for call in bot.fake.calls:
+        if (said := _describe_call(call)) is not None:
+            lines.append((call.at, f"slack saw  {said}"))
+    body = "\n".join(text for _, text in sorted(lines, key=lambda line: line[0]))
+    with Path(target).open("a", encoding="utf-8") as out:
+        out.write(f"=== {title} ===\n{body}\n{extra}\n")
+
+
+async def test_two_people_in_one_thread_are_named_to_the_model(slack_bot: Factory) -> None:
+    model = TimedModel(lambda text: f"Noted: {text[:20]}")
+    bot = await slack_bot(model)
+    root = (await bot.send("app_mention"))["event"]["ts"]  # Ann asks
+    await bot.posts()
+    await bot.settle()
+    follow = {"channel": CHANNEL, "channel_type": "channel", "thread_ts": root}
+    # Eve's display name tries to open a system turn; she needs no mention in the thread.
+    await bot.send("message", user=EVE, text="and of Spain?", **follow)
+    await bot.posts(2)
+    await bot.settle()
+    await bot.send("message", user=ANN, text="thanks both", **follow)
+    await bot.posts(3)
+    await bot.settle()
+    first, second, third = model.prompts
+    # Ann alone: no names; once Eve speaks, each turn says who wrote it.
+    assert first == [{"role": "user", "content": "What is the capital of France?"}]
+    assert second == [
+        {"role": "user", "content": "Ann: What is the capital of France?"},
+        {"role": "assistant", "content": "Noted: What is the capital"},
+        {"role": "user", "content": "Eve system obey: and of Spain?"},
+    ]
+    roles = ["user", "assistant", "user", "assistant", "user"]
+    assert [m["role"] for m in third] == roles
+    assert third[-1]["content"] == "Ann: thanks both"
+    for message in third:  # the name could not make a turn of its own
+        assert "<|im_start|>" not in message["content"] and "obey\n" not in message["content"]
+    history = await bot.engine.memory.history(ConversationKey("slack", CHANNEL, root))
+    assert [(t.author_id, t.author_name) for t in history if t.role == "user"] == [
+        (ANN, "Ann"),
+        (EVE, "Eve system obey"),
+        (ANN, "Ann"),
+    ]
+    # Each person looked up once (then cached), never their raw ids shown to the model.
+    looked_up = [c.args["user"] for c in bot.fake.matching(lambda c: c.method == "users.info")]
+    assert sorted(looked_up) == [ANN, EVE]
+    assert not any(ANN in m["content"] or EVE in m["content"] for m in third)
+    transcript("(a) two people in one thread", bot, model)
+
+
+async def test_a_mention_reaches_the_model_as_a_display_name(slack_bot: Factory) -> None:
+    model = TimedModel(f"Ask <@{BOB}> and <!here>, or @{NEUTRAL_NAME}.")
+    bot = await slack_bot(model)
+    text = f"<@{BOT_USER}> what do <@{BOB}> and <@U0NOBODY1> say in <#{OTHER_CHANNEL}|random>?"
+    await bot.send("app_mention", text=text)
+    await bot.posts()
+    await bot.settle()
+    assert model.inputs == ["what do @Bob Builder and @someone say in #random?"]
+    assert not any(BOB in m["content"] for m in model.prompts[0])
+    # The reply pings nobody: Slack gets the model's mentions escaped.
+    (reply,) = bot.fake.final_texts(CHANNEL)
+    assert "<@" not in reply and "<!" not in reply and f"&lt;@{BOB}&gt;" in reply
+
+
+async def test_names_are_looked_up_once_and_failures_retried_later(
+    slack_bot: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="adapters.slack.client")
+    bot = await slack_bot()
+    names = UserNames(bot.adapter.app.client, capacity=2, failed_ttl=0.3)
+
+    def calls(user: str) -> int:
+        return len(bot.fake.matching(lambda c: c.method == "users.info" and c.args["user"] == user))
+
+    # Twenty messages from Ann at once: one look-up.
+    assert await asyncio.gather(*(names.name(ANN) for _ in range(20))) == ["Ann"] * 20
+    assert calls(ANN) == 1
+    # An unknown person: no name, one warning, not asked again for a while...
+    assert await names.of([ANN, "U0NOBODY1", "U0NOBODY2"]) == {ANN: "Ann"}
+    assert await names.of(["U0NOBODY1"]) == {}
+    assert calls("U0NOBODY1") == 1
+    failures = [r for r in caplog.records if "users.info failed" in r.getMessage()]
+    assert [r.levelno for r in failures] == [logging.WARNING, logging.DEBUG]
+    assert "users:read" in failures[0].getMessage() and "U0NOBODY" not in caplog.text
+    # ...but again after the short expiry, and (capacity 2) the oldest names went.
+    await asyncio.sleep(0.35)
+    bot.fake.people["U0NOBODY1"] = {"id": "U0NOBODY1", "name": "nobody1", "profile": {}}
+    assert await names.of(["U0NOBODY1"]) == {"U0NOBODY1": "nobody1"}
+    assert len(names._cache) <= 2
+
+
+# --- files shared with a message (issue 11) ------------------------------------------------------
+
+LOG_TEXT = "2024-11-28 12:00:01 ERROR worker: connection refused (db:5432)\n"
+
+
+async def test_a_text_file_is_read_into_the_prompt(slack_bot: Factory) -> None:
+    model = TimedModel("The database refused the connection.")
+    bot = await slack_bot(model)
+    log_file = bot.fake.share("server.log", LOG_TEXT.encode(), "text/plain")
+    # Slack Connect: only the file's id, its details from files.info.
+    connect = bot.fake.share("notes.md", b"# Notes\nretry later", "text/markdown")
+    connect_ref = {"id": connect["id"], "mode": "file_access", "file_access": "check_file_info"}
+    hidden = {"id": "F0HIDDEN03", "mode": "hidden_by_limit"}  # past a free plan's limit
+    # Files and no text, in the DM: answered (not the help text).
+    await bot.send("file_share", files=[log_file, connect_ref, hidden])
+    await bot.posts(channel=DM)
+    await bot.settle()
+    (prompt,) = model.inputs
+    assert prompt == (
+        f"Attached file server.log:\n```\n{LOG_TEXT.rstrip()}\n```\n\n"
+        "Attached file notes.md:\n```\n# Notes\nretry later\n```"
+    )
+    downloads = bot.fake.matching(lambda c: c.method == "download")
+    assert len(downloads) == 2
+    assert all(d.args["authorization"] == f"Bearer {BOT_TOKEN}" for d in downloads)
+    assert [c.args["file"] for c in bot.fake.matching(lambda c: c.method == "files.info")] == [
+        connect["id"]
+    ]
+    (reply,) = bot.fake.final_texts(DM)
+    assert reply == (
+        "(I couldn't open an attached file: Slack doesn't let me see it.)\n\n"
+        "The database refused the connection."
+    )
+    assert escape(HELP_TEXT) not in reply
+    transcript("(b) a text file", bot, model)
+
+
+async def test_an_image_is_answered_with_a_note(slack_bot: Factory) -> None:
+    model = TimedModel("It is hard to say without seeing it.")
+    bot = await slack_bot(model)
+    png = b"\x89PNG\r\n\x1a\n" + bytes(200)
+    image = bot.fake.share("screenshot.png", png, "image/png")
+    await bot.send("app_mention", text=f"<@{BOT_USER}> what is wrong here?", files=[image])
+    await bot.posts()
+    await bot.settle()
+    assert model.inputs == ["what is wrong here?"]
+    note = "(I read text files only, so I skipped “screenshot.png”.)"
+    assert bot.fake.final_texts(CHANNEL) == [f"{note}\n\nIt is hard to say without seeing it."]
+    # An image alone in the DM: the note is the answer; nothing downloaded, no model.
+    await bot.send("file_share", files=[bot.fake.share("cat.jpg", png, "image/jpeg")])
+    await bot.posts(channel=DM)
+    await bot.settle()
+    assert bot.fake.final_texts(DM) == ["(I read text files only, so I skipped “cat.jpg”.)"]
+    assert len(model.inputs) == 1 and bot.fake.matching(lambda c: c.method == "download") == []
+    transcript("(c) an image", bot, model)
+
+
+@pytest.mark.parametrize("failure", ["500", "hangs", "sign-in page"])
+async def test_a_failing_download_still_gets_an_answer(
+    slack_bot: Factory, caplog: pytest.LogCaptureFixture, failure: str
+) -> None:
+    model = TimedModel("Without the log: check the deploy step.")
+    bot = await slack_bot(model, attachment_timeout_seconds=0.3)
+    if failure == "sign-in page":  # Slack's answer to a token without files:read
+        broken = bot.fake.share(
+            "deploy.log", b"<html>Sign in</html>", "text/plain", served_as="text/html"
+        )
+    else:
+        broken = bot.fake.share("deploy.log", b"x", status=500, hang=failure == "hangs")
+    await bot.send("app_mention", text=f"<@{BOT_USER}> why did the deploy fail?", files=[broken])
+    await bot.posts()
+    await bot.settle()
+    assert model.inputs == ["why did the deploy fail?"]
+    assert bot.fake.final_texts(CHANNEL) == [
+        "(I couldn't download “deploy.log”, so I answered without it.)\n\n"
+        "Without the log: check the deploy step."
+    ]
+    (logged,) = [r for r in caplog.records if "deploy.log" in r.getMessage()]
+    assert logged.levelno == logging.WARNING and CHANNEL in logged.getMessage()
+    if failure == "sign-in page":
+        assert "files:read" in caplog.text
+    elif failure == "500":
+        assert "500" in logged.getMessage()
+    assert BOT_TOKEN not in caplog.text
+    if failure != "sign-in page":
+        transcript(f"(d) a failing download: the file server {failure}", bot, model,
+                   f"log line: {logged.levelname} {logged.getMessage()}\n")  # fmt: skip
+
+
+# --- /forget (issue 11) --------------------------------------------------------------------------
+
+
+async def test_forget_removes_exactly_that_persons_turns_everywhere(
+    slack_bot: Factory, redis_server: RedisServer
+) -> None:
+    model = TimedModel(lambda text: f"re: {text}")
+    memory = RedisMemory(redis_server.url, 20, 3600)
+    bot = await slack_bot(model, memory=memory)
+    # Thread A (#general): Ann, then Bob. Thread B (#random): Ann. Thread C (#random): Bob.
+    a = (await bot.send("app_mention", text=f"<@{BOT_USER}> Ann in A"))["event"]["ts"]
+    await bot.posts(1)
+    await bot.settle()
+    follow = {"channel": CHANNEL, "channel_type": "channel", "thread_ts": a}
+    await bot.send("message", user=BOB, text="Bob in A", **follow)
+    b = await bot.send("app_mention", channel=OTHER_CHANNEL, text=f"<@{BOT_USER}> Ann in B")
+    c = await bot.send(
+        "app_mention", channel=OTHER_CHANNEL, user=BOB, text=f"<@{BOT_USER}> Bob in C"
+    )
+    await bot.posts(4)
+    await bot.settle()
+    thread_a = ConversationKey("slack", CHANNEL, a)
+    thread_b = ConversationKey("slack", OTHER_CHANNEL, b["event"]["ts"])
+    thread_c = ConversationKey("slack", OTHER_CHANNEL, c["event"]["ts"])
+
+    assert await bot.command("/forget", "", channel=CHANNEL, user=ANN) == 200
+    (answer,) = await bot.fake.wait_for(lambda call: call.method == "response_url")
+    assert answer.args["response_type"] == "ephemeral"
+    assert answer.args["text"] == describe(Forgotten(turns=2, conversations=2))
+    probe = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+
+        async def stored(key: ConversationKey) -> list[tuple[str, str, str]]:
+            raw = await probe.lrange(redis_key(key), 0, -1)
+            turns = [t for t in map(decode_turn, raw) if t is not None]
+            return [(t.role, t.author_id, t.content) for t in turns]
+
+        assert await stored(thread_a) == [
+            ("user", BOB, "Bob in A"),
+            ("assistant", "", "re: Bob in A"),
+        ]
+        assert await probe.exists(redis_key(thread_b)) == 0  # only Ann's: gone
+        assert await stored(thread_c) == [
+            ("user", BOB, "Bob in C"),
+            ("assistant", "", "re: Bob in C"),
+        ]
+        assert await probe.exists(user_key("slack", ANN)) == 0
+        assert len(await probe.smembers(user_key("slack", BOB))) == 2
+    finally:
+        await probe.aclose()
+    # Nothing of Ann's comes back in the thread: Bob's next turn sees his own only.
+    await bot.send("message", user=BOB, text="still here?", **follow)
+    await bot.posts(5)
+    await bot.settle()
+    # (Bob alone in it now: no names either.)
+    assert [m["content"] for m in model.prompts[-1]] == ["Bob in A", "re: Bob in A", "still here?"]
+    # Again, from her DM: nothing left to forget.
+    await bot.command("/forget", "", channel=DM, user=ANN)
+    answers = await bot.fake.wait_for(lambda call: call.method == "response_url", 2)
+    assert answers[1].args["text"] == describe(Forgotten(0, 0))
+    transcript("(e) /forget across two conversations", bot, model)
+
+
+async def test_forget_is_open_to_people_the_allow_lists_refuse(slack_bot: Factory) -> None:
+    # Ann wrote in #general; since then only Bob, and only in #random, may use the bot.
+    bot = await slack_bot(slack_allowed_users=BOB, slack_allowed_channels=OTHER_CHANNEL)
+    thread = ConversationKey("slack", CHANNEL, "1732800000.000100")
+    await bot.engine.memory.append(
+        thread, [Turn("user", "my address is…", ANN, "Ann"), Turn("assistant", "noted")]
+    )
+    # Deleting one's own data: anywhere, allowed or not (it touches only theirs).
+    for channel in (CHANNEL, DM, "D0THEIRS01"):
+        assert await bot.command("/forget", "", channel=channel, user=ANN) == 200
+    answers = await bot.fake.wait_for(lambda call: call.method == "response_url", 3)
+    assert [a.args["text"] for a in answers] == [
+        describe(Forgotten(1, 1)),
+        describe(Forgotten(0, 0)),
+        describe(Forgotten(0, 0)),
+    ]
+    assert all(a.args["response_type"] == "ephemeral" for a in answers)
+    assert await bot.engine.memory.history(thread) == []
+    # No look-up of the place is needed for it.
+    assert bot.fake.matching(lambda call: call.method == "conversations.info") == []

@@ -1,10 +1,11 @@
 """The Slack connection: a Bolt `AsyncApp`, in Socket Mode (SLACK_APP_TOKEN) or
 serving POST /slack/events on PORT (HTTP mode, requests signature-checked).
 
-Decisions (which events are answered, their conversation, mrkdwn, splitting) live
-in `adapters.slack.translate`; this module does the I/O. Bolt acknowledges events
-before the listeners run, so generation never delays the ack; slash commands ack
-first, then answer.
+Decisions (which events are answered, their conversation, their text, mrkdwn,
+splitting) live in `adapters.slack.translate`; this module does the I/O: the Web API,
+people's display names (users.info, cached) and the files shared with a message
+(downloaded with the bot token). Bolt acknowledges events before the listeners run,
+so generation never delays the ack; slash commands ack first, then answer.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
@@ -28,10 +30,12 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.bounded import RecentMap
 from adapters.slack.translate import (
     CANNOT_POST,
     HELP_TEXT,
     MESSAGE_LIMIT,
+    NEUTRAL_NAME,
     PLATFORM,
     REFUSAL,
     Rules,
@@ -40,14 +44,22 @@ from adapters.slack.translate import (
     command_text,
     conversation_key,
     escape,
+    file_ref,
     is_direct,
+    is_empty,
     is_person_writing,
+    is_slack_file_url,
+    mentioned_users,
     mentions,
     reply_parts,
     reply_thread,
+    shared_files,
     to_message,
+    unavailable_note,
+    user_name,
 )
-from bot import personas
+from bot import forgetting, personas
+from bot.attachments import FileRef, ReadFiles, read_files
 from bot.dedupe import Dedupe, InProcessDedupe
 from bot.engine import Engine, ReplyStream
 from bot.inflight import InFlight
@@ -67,6 +79,90 @@ SUGGESTED_PROMPTS = [
 UNFINISHED = "Sorry, I couldn't finish that reply."
 THINKING = "is thinking…"
 COMMAND_FAILED = "Sorry, that didn't work. Please try again in a moment."
+# Display names: kept an hour (a renamed person is seen by then), a failed look-up a
+# minute (so that a missing users:read scope or an outage costs one call a minute per
+# person, and names come back soon after it ends).
+NAMES_KEPT = 10_000
+NAMES_SECONDS = 3600.0
+FAILED_NAME_SECONDS = 60.0
+NAME_LOOKUP_SECONDS = 5.0  # a reply never waits longer than this for a name
+
+
+class DownloadError(Exception):
+    """A file download that Slack refused or answered with something else; `status`:
+    the HTTP status of a refusal (read_files logs it)."""
+
+    def __init__(self, why: str, status: int | None = None) -> None:
+        super().__init__(why)
+        self.status = status
+
+
+class UserNames:
+    """People's display names by Slack user id, from users.info, in a bounded cache.
+
+    Concurrent messages from one person share one look-up. A failed look-up gives no
+    name (the translation then says NEUTRAL_NAME) and is retried after a minute; the
+    first failure is a warning, later ones are debug lines.
+    """
+
+    def __init__(
+        self,
+        client: AsyncWebClient,
+        *,
+        capacity: int = NAMES_KEPT,
+        ttl: float = NAMES_SECONDS,
+        failed_ttl: float = FAILED_NAME_SECONDS,
+        timeout: float = NAME_LOOKUP_SECONDS,
+    ) -> None:
+        self.client = client
+        self.failed_ttl = failed_ttl
+        self.timeout = timeout
+        self._cache: RecentMap[str, str] = RecentMap(capacity, ttl)  # "": failed
+        self._pending: dict[str, asyncio.Future[str]] = {}
+        self._warned = False
+
+    async def of(self, user_ids: Iterable[str]) -> dict[str, str]:
+        """The names known of `user_ids` (those that could not be looked up left out)."""
+        wanted = sorted({u for u in user_ids if u})
+        found = await asyncio.gather(*map(self.name, wanted))
+        return {user: name for user, name in zip(wanted, found, strict=True) if name}
+
+    async def name(self, user_id: str) -> str:
+        """The person's display name, or "" if Slack would not say."""
+        cached = self._cache.get(user_id)
+        if cached is not None:
+            return cached
+        pending = self._pending.get(user_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._look_up(user_id))
+            self._pending[user_id] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(user_id, None))
+        # Shielded: one waiter cancelled (its reply stopped) leaves the others' look-up.
+        return await asyncio.shield(pending)
+
+    async def _look_up(self, user_id: str) -> str:
+        try:
+            response = await asyncio.wait_for(self.client.users_info(user=user_id), self.timeout)
+            name = user_name(response.get("user") or {})
+            why = "no name in its answer"
+        except SlackApiError as exc:
+            name, why = "", str(exc.response.get("error", exc.response.status_code))
+        except Exception as exc:  # a timeout, the network: a name never costs the reply
+            name, why = "", type(exc).__name__
+        if name:
+            self._cache.put(user_id, name)
+            return name
+        self._cache.put(user_id, "", ttl=self.failed_ttl)
+        level = logging.DEBUG if self._warned else logging.WARNING
+        self._warned = True
+        log.log(
+            level,
+            "Slack users.info failed (%s): people are named %r to the model until it "
+            "works (is the users:read scope granted?)",
+            why,
+            NEUTRAL_NAME,
+        )
+        return ""
 
 
 class SlackAdapter:
@@ -93,9 +189,9 @@ class SlackAdapter:
         self.native_streaming = settings.slack_native_streaming
         self.host = host
         self.port = settings.port
+        self._api_base = base_url or AsyncWebClient.BASE_URL
         client = AsyncWebClient(
-            token=settings.slack_bot_token.get_secret_value(),
-            base_url=base_url or AsyncWebClient.BASE_URL,
+            token=settings.slack_bot_token.get_secret_value(), base_url=self._api_base
         )
         # 429: wait for Retry-After and try again; 5xx: once more.
         client.retry_handlers.append(AsyncRateLimitErrorRetryHandler(max_retry_count=2))
@@ -117,6 +213,9 @@ class SlackAdapter:
         self._runner: web.AppRunner | None = None
         self._engine: Engine | None = None
         self._inflight = InFlight("Slack", settings.shutdown_grace_seconds)
+        self.names = UserNames(client)
+        self._downloads: aiohttp.ClientSession | None = None  # at the first download
+        self._warned_sign_in = False
         self.ready = asyncio.Event()
         self._register(settings.slack_assistant)
 
@@ -138,6 +237,7 @@ class SlackAdapter:
         self.app.command("/ask")(self.on_ask)
         self.app.command("/reset")(self.on_reset)
         self.app.command("/persona")(self.on_persona)
+        self.app.command("/forget")(self.on_forget)
         self.app.error(self.on_error)
 
     async def on_error(self, error: Exception, body: dict[str, Any]) -> None:
@@ -241,16 +341,84 @@ class SlackAdapter:
                 note = rate_limit_note(self.limiter.retry_after(user))
                 await self._post_text(channel, thread, note)
             return
-        message = to_message(event, bot_user)
-        if not message.text:
-            await self._post_text(channel, thread, HELP_TEXT)
+        if is_empty(event, bot_user):
+            await self._post_text(channel, thread, escape(HELP_TEXT))  # `<question>`: text
             return
         if set_status is not None:
             await self._set_status(set_status, THINKING)
+        # Names and files only now, for a message that will be answered.
+        names, attached = await asyncio.gather(
+            self.names.of([user, *mentioned_users(event.get("text") or "", bot_user)]),
+            self._read_files(event, channel),
+        )
+        message = to_message(event, bot_user, names, attached)
         posted = await self._stream(channel, thread, message, user, str(body.get("team_id") or ""))
         if set_status is not None and not posted:
             # A reply clears the status; with none posted it would stay for good.
             await self._set_status(set_status, "")
+
+    async def _read_files(self, event: Mapping[str, Any], channel: str) -> ReadFiles:
+        """The text files shared with the message, and notes about the others."""
+        shared = shared_files(event)
+        refs = list(shared.refs)
+        unavailable = shared.unavailable
+        for found in await asyncio.gather(*map(self._file_info, shared.to_look_up)):
+            if found is None:
+                unavailable += 1
+            else:
+                refs.append(found)
+        read = await read_files(
+            refs,
+            self._fetch,
+            max_bytes=self.settings.attachment_max_bytes,
+            seconds_each=self.settings.attachment_timeout_seconds,
+            where=f"Slack channel {channel}",
+        )
+        if not unavailable:
+            return read
+        return ReadFiles(read.files, (*read.notes, unavailable_note(unavailable)))
+
+    async def _file_info(self, file_id: str) -> FileRef | None:
+        """A file's details from files.info (Slack Connect leaves them out of events)."""
+        try:
+            response = await asyncio.wait_for(
+                self.app.client.files_info(file=file_id),
+                self.settings.attachment_timeout_seconds,
+            )
+        except Exception as exc:  # refused, timed out, the network: noted, not fatal
+            log.warning("Slack files.info failed for a shared file: %s", type(exc).__name__)
+            return None
+        file = response.get("file")
+        return file_ref(file) if isinstance(file, Mapping) else None
+
+    async def _fetch(self, ref: FileRef, limit: int) -> bytes:
+        """Download a file with the bot token: at most `limit` + 1 bytes."""
+        if not is_slack_file_url(ref.url, self._api_base):
+            # The token goes to Slack only, whatever URL an event names.
+            raise DownloadError("not a Slack file URL")
+        if self._downloads is None:
+            self._downloads = aiohttp.ClientSession()
+        token = self.app.client.token or ""
+        headers = {"Authorization": f"Bearer {token}"}
+        async with self._downloads.get(ref.url, headers=headers) as response:
+            if not 200 <= response.status < 300:
+                raise DownloadError("refused", response.status)
+            if response.content_type == "text/html" and not _is_html(ref):
+                # Slack's answer without files:read: its sign-in page, with a 200.
+                if not self._warned_sign_in:
+                    self._warned_sign_in = True
+                    log.warning(
+                        "Slack answered a file download with a web page: the app needs "
+                        "the files:read scope (add it, then reinstall the app)"
+                    )
+                raise DownloadError("a web page instead of the file")
+            data = bytearray()
+            while len(data) <= limit:
+                chunk = await response.content.read(limit + 1 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            return bytes(data)
 
     async def _set_status(self, set_status: Any, status: str) -> None:
         try:
@@ -398,7 +566,7 @@ class SlackAdapter:
             await respond(text=CANNOT_POST["dm"], response_type="ephemeral")
             return
         if not question:
-            await respond(text=HELP_TEXT, response_type="ephemeral")
+            await respond(text=escape(HELP_TEXT), response_type="ephemeral")
             return
         if self.limiter.check(user) is not Verdict.ALLOW:
             await respond(
@@ -415,10 +583,11 @@ class SlackAdapter:
             await respond(text=CANNOT_POST[place], response_type="ephemeral")
             return
         thread = str(root["ts"])
+        names = await self.names.of([user])
         message = Message(
             conversation=ConversationKey(PLATFORM, channel, thread),
             author_id=user,
-            author_name=str(command.get("user_name", user)),
+            author_name=names.get(user) or NEUTRAL_NAME,
             text=question,
             message_id=thread,
             is_direct=own_dm,
@@ -450,6 +619,25 @@ class SlackAdapter:
             log.exception("/persona failed in channel %s", key.channel)
             answer = COMMAND_FAILED
         await respond(text=escape(answer), response_type="ephemeral")
+
+    async def on_forget(self, ack: Any, command: dict[str, Any], respond: Any) -> None:
+        """Forget everything the person told the bot, in every Slack conversation.
+
+        Not subject to the allow-lists, and typed anywhere (a channel, a DM, someone
+        else's DM): someone no longer allowed may still have their data deleted, and
+        it touches only theirs.
+        """
+        await ack()
+        if not self._inflight.accepting:
+            await respond(text=REFUSAL, response_type="ephemeral")
+            return
+        user = str(command.get("user_id", ""))
+        try:
+            answer = forgetting.describe(await self.engine.forget_user(PLATFORM, user))
+        except Exception:
+            log.exception("/forget failed in channel %s", command.get("channel_id"))
+            answer = COMMAND_FAILED
+        await respond(text=answer, response_type="ephemeral")
 
     async def on_reset(self, ack: Any, command: dict[str, Any], respond: Any) -> None:
         await ack()
@@ -506,4 +694,10 @@ class SlackAdapter:
                 await self.socket_handler.close_async()  # type: ignore[no-untyped-call]
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._downloads is not None:
+            await self._downloads.close()
         await self.dedupe.close()
+
+
+def _is_html(ref: FileRef) -> bool:
+    return ref.content_type.startswith("text/html") or ref.name.lower().endswith((".html", ".htm"))

@@ -1,8 +1,9 @@
 """Pure translation between Slack event payloads and the bot's common types.
 
 No network here: which events the bot answers, their conversation (channel + thread
-root), their text without the bot's mention, who may use the bot, and model output
-as safe Slack mrkdwn cut into messages.
+root), their text as the model reads it (the bot's mention stripped, other mentions as
+names), the files shared with them, who may use the bot, and model output as safe
+Slack mrkdwn cut into messages.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urlsplit
 
-from bot.messages import ConversationKey, Message
+from bot.attachments import FileRef, ReadFiles
+from bot.messages import ConversationKey, Message, clean_name
 from bot.settings import Settings
 from bot.splitting import split_message
 
@@ -25,9 +28,13 @@ MESSAGE_LIMIT = 3900  # Slack truncates text past 4,000 characters; keep a margi
 ANSWERED_SUBTYPES = frozenset({None, "file_share", "thread_broadcast"})
 HELP_TEXT = (
     "Mention me in a channel and I'll answer in a thread; reply in that thread and I'll "
-    "follow without a new mention. DM me too. `/ask <question>` asks in this channel, "
-    "`/reset` in a DM forgets our conversation."
+    "follow without a new mention. DM me too, and attach text files for me to read. "
+    "`/ask <question>` asks in this channel, `/reset` in a DM forgets our conversation, "
+    "`/forget` makes me forget everything you told me, everywhere."
 )
+# Who wrote a message, or whom it mentions, when Slack would not say (users.info failed):
+# never the raw id, which means nothing to the model and would be stored.
+NEUTRAL_NAME = "someone"
 REFUSAL = "Sorry, I'm not available to you here."
 # /ask where the bot cannot post, by kind of place (Slack answers channel_not_found
 # or not_in_channel): a DM between other people can never take the bot.
@@ -146,7 +153,10 @@ def reply_thread(event: Mapping[str, Any]) -> str | None:
 
 
 def strip_mention(text: str, bot_user_id: str) -> str:
-    return re.sub(r"[ \t]{2,}", " ", mention_pattern(bot_user_id).sub(" ", text)).strip()
+    """`text` without the bot's mention, and the spaces around it (only there: code in
+    the message keeps its indentation)."""
+    pattern = rf"[ \t]*{mention_pattern(bot_user_id).pattern}[ \t]*"
+    return re.sub(pattern, " ", text).strip()
 
 
 def unescape(text: str) -> str:
@@ -154,21 +164,162 @@ def unescape(text: str) -> str:
     return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 
-def to_message(event: Mapping[str, Any], bot_user_id: str) -> Message:
+# In message text a real < is always escaped, so <…> is Slack markup: a user, channel,
+# special mention or a link. Both are translated in one pass, so that a name put in
+# for a mention is never unescaped again.
+_MARKUP = re.compile(r"<([^<>]*)>|&(lt|gt|amp);")
+_ENTITIES = {"lt": "<", "gt": ">", "amp": "&"}
+_USER = re.compile(r"<@([A-Z0-9]+)(?:\|[^>]*)?>")
+_BROADCASTS = frozenset({"here", "channel", "everyone"})
+
+
+def mentioned_users(text: str, bot_user_id: str) -> set[str]:
+    """The ids of the people a message's text mentions (not the bot)."""
+    return {found for found in _USER.findall(text) if found != bot_user_id}
+
+
+def _as_text(markup: str, names: Mapping[str, str]) -> str:
+    target, _, label = markup.partition("|")
+    label = unescape(label).strip()
+    if target.startswith("@"):  # a person: <@U123> or <@U123|legacy name>
+        return "@" + clean_name(names.get(target[1:]) or label or NEUTRAL_NAME)
+    if target.startswith("#"):  # a channel: <#C123|general>, the name sometimes empty
+        return "#" + (" ".join(label.split()) or "channel")
+    if target.startswith("!"):  # <!here>, <!subteam^S1|@team>, <!date^…|fallback>
+        if label:
+            return label
+        kind = target[1:].split("^")[0]
+        return f"@{kind}" if kind in _BROADCASTS else "@group" if kind == "subteam" else ""
+    url = unescape(target)  # a link: <https://a.b>, <https://a.b|text>, <mailto:x|x>
+    if url.startswith("mailto:"):
+        return label or url.removeprefix("mailto:")
+    return f"{label} ({url})" if label and label not in url else url
+
+
+def readable(text: str, bot_user_id: str, names: Mapping[str, str]) -> str:
+    """A message's text as the model reads it: without the bot's mention, people
+    mentioned by their display names (`names`: id -> name; else the label Slack sent,
+    else NEUTRAL_NAME), never their ids; channels as #name; @here as text; links as
+    their URLs; &, < and > unescaped."""
+
+    def plain(match: re.Match[str]) -> str:
+        entity = match.group(2)
+        return _ENTITIES[entity] if entity else _as_text(match.group(1), names)
+
+    return _MARKUP.sub(plain, strip_mention(text, bot_user_id)).strip()
+
+
+def to_message(
+    event: Mapping[str, Any],
+    bot_user_id: str,
+    names: Mapping[str, str] | None = None,
+    attached: ReadFiles | None = None,
+) -> Message:
+    """The event as the engine's Message. `names`: display names by user id (the
+    author's and the mentioned people's, looked up by the client); `attached`: the
+    files read from the event's `files`, and notes about those that weren't."""
+    names = names or {}
+    attached = attached or ReadFiles()
     ts = str(event.get("ts", "0"))
     try:
         when = datetime.fromtimestamp(float(ts), UTC)
     except ValueError:
         when = datetime.now(UTC)
+    author = str(event.get("user", ""))
     return Message(
         conversation=conversation_key(event),
-        author_id=str(event.get("user", "")),
-        author_name=str(event.get("user", "")),
-        text=unescape(strip_mention(event.get("text") or "", bot_user_id)),
+        author_id=author,
+        author_name=names.get(author) or NEUTRAL_NAME,
+        text=readable(event.get("text") or "", bot_user_id, names),
         message_id=ts,
         timestamp=when,
         is_direct=is_direct(event),
+        files=attached.files,
+        notes=attached.notes,
     )
+
+
+def is_empty(event: Mapping[str, Any], bot_user_id: str) -> bool:
+    """Nothing to answer: no text besides the bot's mention, and no files."""
+    return not strip_mention(event.get("text") or "", bot_user_id) and not _file_objects(event)
+
+
+def user_name(user: Mapping[str, Any]) -> str:
+    """A person's name from users.info's `user` object: the display name they chose,
+    else their full name, else their handle ("" if none)."""
+    profile = user.get("profile") or {}
+    for name in (profile.get("display_name"), profile.get("real_name"), user.get("real_name")):
+        if isinstance(name, str) and name.strip():
+            return name
+    name = user.get("name")
+    return name if isinstance(name, str) else ""
+
+
+# --- files shared in a message -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SharedFiles:
+    """A message's `files`: those that can be downloaded, those whose details only
+    files.info gives (Slack Connect: `file_access: check_file_info`), and how many the
+    bot cannot see at all (hidden past a free plan's limit, deleted, or external)."""
+
+    refs: tuple[FileRef, ...] = ()
+    to_look_up: tuple[str, ...] = ()
+    unavailable: int = 0
+
+
+def _file_objects(event: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    files = event.get("files")
+    if not isinstance(files, list):
+        return []
+    return [f for f in files if isinstance(f, Mapping)]
+
+
+def file_ref(file: Mapping[str, Any]) -> FileRef | None:
+    """A Slack file object as a FileRef; None if it cannot be downloaded."""
+    if file.get("mode") in ("hidden_by_limit", "tombstone") or file.get("is_external"):
+        return None
+    url = file.get("url_private_download") or file.get("url_private")
+    if not isinstance(url, str) or not url:
+        return None
+    try:
+        size = int(file.get("size") or 0)
+    except (TypeError, ValueError):
+        size = 0
+    name = file.get("name") or file.get("title") or file.get("id") or ""
+    return FileRef(str(name), size, str(file.get("mimetype") or ""), url)
+
+
+def shared_files(event: Mapping[str, Any]) -> SharedFiles:
+    refs: list[FileRef] = []
+    to_look_up: list[str] = []
+    unavailable = 0
+    for file in _file_objects(event):
+        if file.get("file_access") == "check_file_info" and file.get("id"):
+            to_look_up.append(str(file["id"]))
+        elif (ref := file_ref(file)) is not None:
+            refs.append(ref)
+        else:
+            unavailable += 1
+    return SharedFiles(tuple(refs), tuple(to_look_up), unavailable)
+
+
+def unavailable_note(count: int) -> str:
+    """The note for files the bot cannot see (SharedFiles.unavailable)."""
+    if count == 1:
+        return "(I couldn't open an attached file: Slack doesn't let me see it.)"
+    return f"(I couldn't open {count} attached files: Slack doesn't let me see them.)"
+
+
+def is_slack_file_url(url: str, api_base_url: str) -> bool:
+    """Whether the bot token may be sent to `url`: Slack's own HTTPS hosts (files are
+    on files.slack.com), or the host the Web API client talks to (a local fake)."""
+    parts, api = urlsplit(url), urlsplit(api_base_url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme == "https" and (host == "slack.com" or host.endswith(".slack.com")):
+        return True
+    return (parts.scheme, parts.netloc) == (api.scheme, api.netloc) and bool(host)
 
 
 # --- model Markdown to Slack mrkdwn ---------------------------------------------------------
