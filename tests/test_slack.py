@@ -1072,6 +1072,12 @@ async def test_forget_removes_exactly_that_persons_turns_everywhere(
         ]
         assert await probe.exists(user_key("slack", ANN)) == 0
         assert len(await probe.smembers(user_key("slack", BOB))) == 2
+        redis_after = "\n".join(
+            [
+                f"redis after /forget  {redis_key(key)}: {await stored(key)}"
+                for key in (thread_a, thread_b, thread_c)
+            ]
+        )
     finally:
         await probe.aclose()
     # Nothing of Ann's comes back in the thread: Bob's next turn sees his own only.
@@ -1084,7 +1090,7 @@ async def test_forget_removes_exactly_that_persons_turns_everywhere(
     await bot.command("/forget", "", channel=DM, user=ANN)
     answers = await bot.fake.wait_for(lambda call: call.method == "response_url", 2)
     assert answers[1].args["text"] == describe(Forgotten(0, 0))
-    transcript("(e) /forget across two conversations", bot, model)
+    transcript("(e) /forget across two conversations", bot, model, redis_after + "\n")
 
 
 async def test_forget_is_open_to_people_the_allow_lists_refuse(slack_bot: Factory) -> None:
