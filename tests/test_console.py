@@ -24,10 +24,12 @@ import redis
 
 from adapters.console import CONVERSATION, HELP, ConsoleAdapter
 from bot.engine import Engine
+from bot.forgetting import Forgotten, describe
 from bot.memory import InProcessMemory, redis_key
 from bot.messages import ConversationKey
 from bot.model import LoadedModel
 from tests.conftest import REPO, RedisServer, bot_env, greedy, run_bot
+from tests.scripted import ScriptedModel
 
 pytestmark = pytest.mark.model
 
@@ -71,6 +73,21 @@ async def test_interactive_mode_streams_after_a_prompt(bundled: LoadedModel) -> 
     assert "you> bot> " in output and "Paris" in output
     assert output.count("you> ") == 2  # /quit ends the session
     await engine.close()
+
+
+async def test_forget_deletes_what_was_said_at_the_console() -> None:
+    memory = InProcessMemory(20, 3600)
+    engine = Engine(ScriptedModel("Noted."), memory)
+    output = await run_console(engine, "My name is Ada.\nI live in Paris.\n/forget\n/forget\n")
+    await engine.close()
+    assert output.splitlines() == [
+        "Noted.",
+        "Noted.",
+        describe(Forgotten(turns=2, conversations=1)),
+        describe(Forgotten(turns=0, conversations=0)),  # nothing left the second time
+    ]
+    assert await memory.history(CONVERSATION) == []
+    assert "/forget" in HELP
 
 
 def test_sigterm_while_waiting_for_input_exits_0(
