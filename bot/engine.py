@@ -25,7 +25,7 @@ from bot import metrics
 from bot.attachments import prompt_text
 from bot.batching import Batcher, BatchRunner
 from bot.forgetting import Forgotten, forget_person
-from bot.memory import Memory
+from bot.memory import Memory, authors
 from bot.messages import ConversationKey, Message, Reply, Turn, clean_name, clean_text
 from bot.prompt import Prompt
 from bot.settings import Settings
@@ -440,7 +440,9 @@ class Engine:
                 return
             # Both turns at once, and only for a reply that was written in full.
             asked = Turn("user", prompt.user_text, message.author_id, name)
-            await self.memory.append(conversation, [asked, Turn("assistant", answer)])
+            await self.memory.append(
+                conversation, [asked, Turn("assistant", answer)], present=authors(history)
+            )
             out.reply = Reply("".join(parts) + answer, truncated_input=prompt.truncated)
             latency = time.perf_counter() - started
             log.info(

@@ -73,7 +73,6 @@ async def forget_person(
             touched += 1
             if drop_cache is not None:
                 drop_cache(str(conversation))
-    await memory.forget_index(platform, user_id)
     log.info("Forgot %d turn(s) of a %s user in %d conversation(s)", turns, platform, touched)
     return Forgotten(turns, touched)
 

@@ -10,13 +10,14 @@ set per person of the conversations holding their turns,
 
 each list element ``{"role": "user" | "assistant", "content": "...", "author_id": "...",
 "author_name": "..."}`` (the author only on user turns). A reply's turns are appended,
-the list trimmed to MEMORY_MAX_TURNS and its TTL renewed by one script, and the
-author's set given the conversation and the same TTL, in one round trip; the history
+the list trimmed to MEMORY_MAX_TURNS and its TTL renewed by one script, and the sets
+of the conversation's authors (the new turn's, and those of turns still in it) given
+the conversation and the same TTL, in one round trip; the history
 and the persona are read in one. The braces are Redis Cluster hash tags: a channel's
 keys share a slot, so that read needs one node, and no command ever spans two slots.
 
-Forgetting a person (/forget) reads their set, then removes their turns and the
-replies to them from each listed conversation, one script per conversation.
+Forgetting a person (/forget) reads their set, then for each listed conversation, under
+its lock, takes it off the set and removes their turns and the replies to them.
 
 An append is idempotent: it carries a token, remembered for a while under
 ``chatbot:append:{<platform>:<channel>}:<token>``, and a second run of the same append
@@ -39,7 +40,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Protocol
 
@@ -224,8 +225,15 @@ class Memory(Protocol):
         """Store (or with None, clear) the persona of the conversation's channel."""
         ...
 
-    async def append(self, conversation: ConversationKey, turns: Sequence[Turn]) -> None:
-        """Store turns at the end, keeping at most the configured number."""
+    async def append(
+        self,
+        conversation: ConversationKey,
+        turns: Sequence[Turn],
+        present: Collection[str] = (),
+    ) -> None:
+        """Store turns at the end, keeping at most the configured number. `present`:
+        the authors of turns already there, whose lists of conversations are renewed
+        with it (so that someone who stopped talking is still found by /forget)."""
         ...
 
     async def reset(self, conversation: ConversationKey) -> None:
@@ -238,12 +246,9 @@ class Memory(Protocol):
         ...
 
     async def forget(self, conversation: ConversationKey, user_id: str) -> int:
-        """Remove the person's turns, and the replies to them, from a conversation;
-        how many of their turns went. Raises when the store cannot answer."""
-        ...
-
-    async def forget_index(self, platform: str, user_id: str) -> None:
-        """Drop the person's list of conversations (after `forget` in each)."""
+        """Remove the person's turns, and the replies to them, from a conversation, and
+        the conversation from their list (a turn stored later lists it again); how many
+        of their turns went. Raises when the store cannot answer."""
         ...
 
     def turn(self, conversation: ConversationKey) -> AbstractAsyncContextManager[None]:
@@ -293,7 +298,12 @@ class InProcessMemory:
         else:
             self._personas[persona_key(conversation)] = text
 
-    async def append(self, conversation: ConversationKey, turns: Sequence[Turn]) -> None:
+    async def append(
+        self,
+        conversation: ConversationKey,
+        turns: Sequence[Turn],
+        present: Collection[str] = (),
+    ) -> None:
         now = time.monotonic()
         entry = self._store.get(conversation)
         stored = entry[1] if entry and now - entry[0] <= self._ttl else None
@@ -320,9 +330,6 @@ class InProcessMemory:
         if removed:
             self._store[conversation] = (entry[0], deque(kept, maxlen=self._max_turns))
         return removed
-
-    async def forget_index(self, platform: str, user_id: str) -> None:
-        return None  # found by scanning the conversations
 
     def turn(self, conversation: ConversationKey) -> AbstractAsyncContextManager[None]:
         return nullcontext()  # one process: the engine's own order suffices
@@ -396,7 +403,12 @@ class RedisMemory:
             raise
         self._outages.succeeded()
 
-    async def append(self, conversation: ConversationKey, turns: Sequence[Turn]) -> None:
+    async def append(
+        self,
+        conversation: ConversationKey,
+        turns: Sequence[Turn],
+        present: Collection[str] = (),
+    ) -> None:
         if not turns:
             return
         token = f"{APPEND_PREFIX}{_slot(conversation)}:{uuid.uuid4().hex}"
@@ -413,7 +425,7 @@ class RedisMemory:
                     APPEND_TOKEN_SECONDS,
                     *(encode_turn(t) for t in turns),
                 )
-                for author in sorted(authors(turns)):
+                for author in sorted(authors(turns) | set(present)):
                     key = user_key(conversation.platform, author)
                     pipe.sadd(key, encode_conversation(conversation))
                     pipe.expire(key, self._ttl)
@@ -437,10 +449,13 @@ class RedisMemory:
         return sorted((c for c in found if c is not None), key=str)
 
     async def forget(self, conversation: ConversationKey, user_id: str) -> int:
-        return int(await self._redis.eval(FORGET, 1, redis_key(conversation), user_id))
-
-    async def forget_index(self, platform: str, user_id: str) -> None:
-        await self._redis.delete(user_key(platform, user_id))
+        # Unlisted first: an append after this (under the conversation's lock, so after
+        # the script) lists the conversation again, and the next /forget finds it.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.srem(user_key(conversation.platform, user_id), encode_conversation(conversation))
+            pipe.eval(FORGET, 1, redis_key(conversation), user_id)
+            _, removed = await pipe.execute()
+        return int(removed)
 
     @asynccontextmanager
     async def turn(self, conversation: ConversationKey) -> AsyncIterator[None]:

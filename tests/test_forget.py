@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import redis.asyncio as aioredis
 
 from bot.engine import Engine
-from bot.forgetting import Forgotten, describe
+from bot.forgetting import Forgotten, describe, forget_person
 from bot.memory import InProcessMemory, Memory, RedisMemory, redis_key, user_key
 from bot.messages import ConversationKey, Message, Turn
 from bot.model import LoadedModel
@@ -157,4 +158,45 @@ async def test_the_command_line(redis_server: RedisServer) -> None:
     )
     assert missing.returncode == 2 and "REDIS_URL" in missing.stderr
     assert "Traceback" not in missing.stderr
+    await engine.close()
+
+
+async def test_someone_who_stopped_talking_is_still_found(redis_server: RedisServer) -> None:
+    """Their list of conversations lives as long as a conversation holding their turns:
+    renewed whenever anyone writes there, not only when they do."""
+    memory = RedisMemory(redis_server.url, 20, 600)
+    engine = Engine(ScriptedModel(), memory)
+    probe = aioredis.from_url(redis_server.url, decode_responses=True)
+    await engine.reply(said(GENERAL, "1", "alice, once"))
+    await probe.expire(user_key("discord", "1"), 1)  # about to expire, as after days
+    await engine.reply(said(GENERAL, "2", "bob keeps talking"))
+    assert await probe.ttl(user_key("discord", "1")) > 100
+    assert await engine.forget_user("discord", "1") == Forgotten(1, 1)
+    await probe.aclose()
+    await engine.close()
+
+
+async def test_a_message_stored_while_forgetting_is_found_next_time(
+    redis_server: RedisServer,
+) -> None:
+    """A turn stored elsewhere while a /forget runs (another replica, a quick message)
+    stays findable: forgetting unlists each conversation as it goes, never the whole list."""
+    memory = RedisMemory(redis_server.url, 20, 600)
+    engine = Engine(ScriptedModel(), memory)
+    await chat(engine)
+    meanwhile = ConversationKey("discord", "300")
+
+    @asynccontextmanager
+    async def hold(conversation: ConversationKey) -> AsyncIterator[None]:
+        if conversation == GENERAL:  # the first one: Alice is answered elsewhere now
+            await memory.append(
+                meanwhile, [Turn("user", "alice meanwhile", "1", "Alice"), Turn("assistant", "ok")]
+            )
+        yield
+
+    first = await forget_person(memory, "discord", "1", hold=hold)
+    assert first == Forgotten(4, 3)
+    assert await memory.conversations_of("discord", "1") == [meanwhile]
+    assert await engine.forget_user("discord", "1") == Forgotten(1, 1)
+    assert await memory.history(meanwhile) == []
     await engine.close()
