@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 import threading
 from typing import TextIO
 
 from bot import personas
-from bot.engine import Engine
+from bot.engine import COMMAND_FAILED, Engine
 from bot.forgetting import describe
 from bot.logs import Terminal
 from bot.messages import ConversationKey, Message
+
+log = logging.getLogger(__name__)
 
 CONVERSATION = ConversationKey("console", "terminal")
 USER = "console"  # the one person at this terminal, as the engine knows them
@@ -102,6 +105,27 @@ class ConsoleAdapter:
             is_direct=True,
         )
 
+    async def _command(self, engine: Engine, text: str) -> str | None:
+        """The answer to a console command, or None when `text` is a message. A failed
+        command (memory unreachable) gets an answer; the session goes on."""
+        word = text.lower()
+        try:
+            if word == "/help":
+                return HELP
+            if word == "/reset":
+                await engine.reset(CONVERSATION)
+                return "Conversation forgotten."
+            if word == "/forget":
+                return describe(await engine.forget_user(CONVERSATION.platform, USER))
+            if word.startswith("/persona"):
+                command = personas.parse(text[len("/persona") :])
+                answer = await personas.run(engine, CONVERSATION, *command) if command else None
+                return answer or personas.USAGE
+        except Exception:
+            log.exception("The console command %s failed", word.split()[0])
+            return COMMAND_FAILED
+        return None
+
     async def run(self, engine: Engine, stop: asyncio.Event) -> None:
         if self._interactive:
             self._write("Chatting with the bot. /help lists the commands.\n")
@@ -113,18 +137,9 @@ class ConsoleAdapter:
                 continue
             if text.lower() in ("/quit", "/exit"):
                 break
-            if text.lower() == "/help":
-                self._write(HELP + "\n")
-            elif text.lower() == "/reset":
-                await engine.reset(CONVERSATION)
-                self._write("Conversation forgotten.\n")
-            elif text.lower() == "/forget":
-                forgotten = await engine.forget_user(CONVERSATION.platform, USER)
-                self._write(describe(forgotten) + "\n")
-            elif text.lower().startswith("/persona"):
-                command = personas.parse(text[len("/persona") :])
-                answer = await personas.run(engine, CONVERSATION, *command) if command else None
-                self._write((answer or personas.USAGE) + "\n")
+            answer = await self._command(engine, text)
+            if answer is not None:
+                self._write(answer + "\n")
             elif self._interactive:
                 self._write("bot> ")
                 async for chunk in engine.stream(self._message(text)):

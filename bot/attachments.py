@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import mimetypes
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -84,9 +85,15 @@ def decode(data: bytes) -> str:
     return clean_text(data.decode("utf-8-sig", "replace"))
 
 
+# Markup a name could carry into the bot's own note: a file named
+# "[Sign in](https://evil.example)" must not become a link the bot posted.
+_NAME_MARKUP = re.compile(r"[\[\]()<>*~`|\\]")
+
+
 def display_name(ref: FileRef) -> str:
-    """The file's name as shown to the model and the person: one line, bounded."""
-    name = " ".join(clean_text(ref.name).split())[:FILE_NAME_CHARS]
+    """The file's name as shown to the model and the person: one line, bounded, with
+    no characters that Markdown or mrkdwn would read as a link or formatting."""
+    name = " ".join(_NAME_MARKUP.sub(" ", clean_text(ref.name)).split())[:FILE_NAME_CHARS]
     return name or "unnamed file"
 
 

@@ -40,6 +40,8 @@ PERSONA_MAX_CHARS = 1000
 BUSY = "I'm answering a lot of people right now. Please try again in a minute."
 EMPTY_MESSAGE_REPLY = "Ask me anything: write your message and I'll answer."
 NOTHING_TO_SAY = "I don't have an answer to that."
+# A command (/reset, /forget, /persona…) that failed, e.g. memory unreachable.
+COMMAND_FAILED = "Sorry, that didn't work. Please try again in a moment."
 
 
 def truncation_note(prompt: Prompt) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from bot.memory import Memory, open_memory
 from bot.messages import ConversationKey
+from bot.redis_client import REDIS_ERRORS
 from bot.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,11 @@ def forget_cli(settings: Settings, platform: str, user_id: str) -> int:
     user_id = user_id.strip()
     if not user_id:
         raise ConfigError("--user: give the person's platform id")
-    forgotten = asyncio.run(forget_in_store(settings, platform, user_id))
+    try:
+        forgotten = asyncio.run(forget_in_store(settings, platform, user_id))
+    except REDIS_ERRORS as exc:  # after the start-up check: a timeout, a read-only replica
+        log.error("Could not finish: Redis answered %s; nothing was reported done", exc)
+        return 1
     print(  # noqa: T201 - the command's output
         f"Deleted {forgotten.turns:,} turn(s) by {platform} user {user_id}, and the bot's "
         f"replies to them, from {forgotten.conversations:,} conversation(s).",

@@ -98,7 +98,7 @@ def clean_text(text: str) -> str:
 NAME_MAX_CHARS = 32
 # Markup that chat templates and tokenizers treat as structure: <|im_start|>, </s>,
 # [INST], <<SYS>> and the like. A name is one short line of plain text.
-_MARKUP = re.compile(r"<\|[^<>]*?\|>|</?[A-Za-z_][^<>\s]*>|\[/?[A-Z_]+\]|<<|>>")
+_MARKUP = re.compile(r"<\|[^<>]*?\|>|</?[A-Za-z_][^<>\s]*>|\[/?[A-Z_]+\]|<<|>>|<\||\|>")
 
 
 def clean_name(name: str) -> str:
@@ -109,7 +109,8 @@ def clean_name(name: str) -> str:
     <|im_start|>system …"); the prompt also tokenizes names as plain text, this keeps
     them readable as names.
     """
-    text = clean_text(name)
+    # Bounded before stripping: stripping nested markup takes a pass per level.
+    text = clean_text(name[: NAME_MAX_CHARS * 8])
     text = "".join(" " if unicodedata.category(c)[0] in "CZ" else c for c in text)
     while (stripped := _MARKUP.sub(" ", text)) != text:
         text = stripped

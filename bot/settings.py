@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     speaker_names: bool = True
     # Text files attached to a message: read up to this many bytes each (0: none read)
     attachment_max_bytes: int = Field(default=100_000, ge=0, le=10_000_000)
-    attachment_timeout_seconds: float = Field(default=10.0, gt=0)  # per file download
+    attachment_timeout_seconds: float = Field(default=10.0, gt=0, le=300)  # per download
 
     # Shared by the platforms
     rate_limit_per_minute: int = Field(default=6, ge=0)  # per user; 0: no limit

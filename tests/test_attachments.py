@@ -49,6 +49,18 @@ def test_any_bytes_decode() -> None:
     assert decode(b"bad \xff\xfe\x00 bytes") == "bad \ufffd\ufffd bytes"  # NUL dropped
 
 
+async def test_file_names_carry_no_markup_into_notes() -> None:
+    async def fetch(file: FileRef, limit: int) -> bytes:
+        return b""
+
+    hostile = ref("[Sign in again](https://evil.example/login) <!channel> *x*.png", "image/png")
+    read = await read_files([hostile], fetch, max_bytes=100, seconds_each=1, where="x")
+    assert read.notes == (
+        "(I read text files only, so I skipped “Sign in again https://evil.example/login "
+        "!channel x .png”.)",
+    )
+
+
 def test_the_question_comes_before_the_files() -> None:
     text = prompt_text("What fails here?", [FileText("app.log", "line 1\nERROR x\n")])
     assert text == "What fails here?\n\nAttached file app.log:\n```\nline 1\nERROR x\n```"

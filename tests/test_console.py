@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from adapters.console import CONVERSATION, HELP, ConsoleAdapter
-from bot.engine import Engine
+from bot.engine import COMMAND_FAILED, Engine
 from bot.forgetting import Forgotten, describe
 from bot.memory import InProcessMemory, redis_key
 from bot.messages import ConversationKey
@@ -88,6 +88,21 @@ async def test_forget_deletes_what_was_said_at_the_console() -> None:
     ]
     assert await memory.history(CONVERSATION) == []
     assert "/forget" in HELP
+
+
+async def test_a_failed_command_is_answered_and_the_session_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Unreachable(InProcessMemory):
+        async def conversations_of(self, platform: str, user_id: str) -> list[ConversationKey]:
+            raise ConnectionError("memory unreachable")
+
+    engine = Engine(ScriptedModel("Noted."), Unreachable(20, 3600))
+    output = await run_console(engine, "hello\n/forget\nafter\n")
+    await engine.close()
+    # Piped: still one line per input line.
+    assert output.splitlines() == ["Noted.", COMMAND_FAILED, "Noted."]
+    assert any("/forget failed" in r.getMessage() and r.exc_info for r in caplog.records)
 
 
 def test_sigterm_while_waiting_for_input_exits_0(

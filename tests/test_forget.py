@@ -152,6 +152,18 @@ async def test_the_command_line(redis_server: RedisServer) -> None:
     assert "Deleted 4 turn(s) by discord user 1" in done.stdout
     assert "3 conversation(s)" in done.stdout
     assert texts(await memory.history(GENERAL)) == ["bob in general", "Scripted reply."]
+    # Redis failing mid-way (here a key of the wrong type): one line, exit 1.
+    probe = aioredis.from_url(redis_server.url, decode_responses=True)
+    await probe.set(user_key("discord", "2"), "not a set")
+    await probe.aclose()
+    failed = await asyncio.to_thread(
+        run_bot,
+        *("forget", "--platform", "discord", "--user", "2"),
+        env=bot_env(REDIS_URL=redis_server.url),
+        timeout=60,
+    )
+    assert failed.returncode == 1 and "Could not finish" in failed.stderr
+    assert "Traceback" not in failed.stderr
     # Without Redis there is nothing outside a running bot to delete: said, exit 2.
     missing = await asyncio.to_thread(
         run_bot, "forget", "--platform", "discord", "--user", "1", env=bot_env(), timeout=60

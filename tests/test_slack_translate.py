@@ -9,6 +9,7 @@ import yaml  # type: ignore[import-untyped]  # no stubs installed; only safe_loa
 
 from adapters.slack.translate import (
     HELP_TEXT,
+    MENTION_LOOKUPS,
     MESSAGE_LIMIT,
     NEUTRAL_NAME,
     Rules,
@@ -90,6 +91,9 @@ def test_people_are_named_never_by_their_ids() -> None:
         ANN,
         "W0ENTERPR1",
     }
+    # A wall of mentions looks up the first MENTION_LOOKUPS people, no more.
+    wall = " ".join(f"<@U{i:08d}>" for i in range(3000))
+    assert mentioned_users(wall, BOT_USER) == {f"U{i:08d}" for i in range(MENTION_LOOKUPS)}
 
 
 @pytest.mark.parametrize(

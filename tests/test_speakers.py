@@ -44,6 +44,8 @@ def test_a_name_is_one_short_line_of_plain_text(name: str) -> None:
     assert "[INST]" not in cleaned and "</s>" not in cleaned and ":" not in cleaned
     assert 0 < len(cleaned) <= 32
     assert clean_name("  \n\t ") == "someone"
+    nested = "<|" * 5000 + "x" + "|>" * 5000  # bounded first: one pass per nesting level
+    assert "<|" not in clean_name(nested) and "|>" not in clean_name(nested)
     assert clean_name("Zoë Müller-Łukasz 🎉") == "Zoë Müller-Łukasz 🎉"
 
 

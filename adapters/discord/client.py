@@ -41,7 +41,7 @@ from adapters.discord.translate import (
 )
 from bot import forgetting, personas
 from bot.attachments import FileRef, read_files
-from bot.engine import Engine
+from bot.engine import COMMAND_FAILED, Engine
 from bot.inflight import InFlight
 from bot.messages import Message
 from bot.ratelimit import RateLimiter, Verdict, rate_limit_note
@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 # up again in memory.
 KNOWN_THREADS = 10_000
 NOT_OURS_SECONDS = 600.0
-COMMAND_FAILED = "Sorry, that didn't work. Please try again in a moment."
 
 
 class DiscordAdapter:

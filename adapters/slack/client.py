@@ -61,7 +61,7 @@ from adapters.slack.translate import (
 from bot import forgetting, personas
 from bot.attachments import FileRef, ReadFiles, read_files
 from bot.dedupe import Dedupe, InProcessDedupe
-from bot.engine import Engine, ReplyStream
+from bot.engine import COMMAND_FAILED, Engine, ReplyStream
 from bot.inflight import InFlight
 from bot.messages import ConversationKey, Message
 from bot.ratelimit import RateLimiter, Verdict, rate_limit_note
@@ -78,7 +78,6 @@ SUGGESTED_PROMPTS = [
 ]
 UNFINISHED = "Sorry, I couldn't finish that reply."
 THINKING = "is thinking…"
-COMMAND_FAILED = "Sorry, that didn't work. Please try again in a moment."
 # Display names: kept an hour (a renamed person is seen by then), a failed look-up a
 # minute (so that a missing users:read scope or an outage costs one call a minute per
 # person, and names come back soon after it ends).
@@ -95,6 +94,9 @@ class DownloadError(Exception):
     def __init__(self, why: str, status: int | None = None) -> None:
         super().__init__(why)
         self.status = status
+
+
+NAME_LOOKUPS_AT_ONCE = 8
 
 
 class UserNames:
@@ -120,6 +122,7 @@ class UserNames:
         self._cache: RecentMap[str, str] = RecentMap(capacity, ttl)  # "": failed
         self._pending: dict[str, asyncio.Future[str]] = {}
         self._warned = False
+        self._slots = asyncio.Semaphore(NAME_LOOKUPS_AT_ONCE)  # Slack rate-limits users.info
 
     async def of(self, user_ids: Iterable[str]) -> dict[str, str]:
         """The names known of `user_ids` (those that could not be looked up left out)."""
@@ -142,7 +145,10 @@ class UserNames:
 
     async def _look_up(self, user_id: str) -> str:
         try:
-            response = await asyncio.wait_for(self.client.users_info(user=user_id), self.timeout)
+            async with self._slots:
+                response = await asyncio.wait_for(
+                    self.client.users_info(user=user_id), self.timeout
+                )
             name = user_name(response.get("user") or {})
             why = "no name in its answer"
         except SlackApiError as exc:

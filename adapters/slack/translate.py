@@ -173,9 +173,16 @@ _USER = re.compile(r"<@([A-Z0-9]+)(?:\|[^>]*)?>")
 _BROADCASTS = frozenset({"here", "channel", "everyone"})
 
 
+# Names looked up per message at most: a pasted wall of mentions must not fire
+# thousands of users.info calls (the rest read as their label, or "someone").
+MENTION_LOOKUPS = 20
+
+
 def mentioned_users(text: str, bot_user_id: str) -> set[str]:
-    """The ids of the people a message's text mentions (not the bot)."""
-    return {found for found in _USER.findall(text) if found != bot_user_id}
+    """The ids of the people a message's text mentions (not the bot), the first
+    MENTION_LOOKUPS of them."""
+    found = dict.fromkeys(u for u in _USER.findall(text) if u != bot_user_id)
+    return set(list(found)[:MENTION_LOOKUPS])
 
 
 def _as_text(markup: str, names: Mapping[str, str]) -> str:
