@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
-from bot.logs import Terminal, redact, setup_logging
+from bot.logs import Terminal, redact, setup_logging, status
 from bot.settings import ConfigError, load_settings
 
 if TYPE_CHECKING:
@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             from bot.forgetting import forget_cli  # the store only: no torch, no model
 
             return forget_cli(settings, args.platform, args.user)
+        if terminal is not None:
+            # Importing torch and transformers takes seconds: say something meanwhile.
+            log.info("Starting", extra=status("Starting…"))
         # Imported only now: torch and transformers take seconds, and a bad setting
         # should be reported at once.
         from bot.app import serve

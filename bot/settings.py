@@ -241,7 +241,9 @@ class Settings(BaseSettings):
     @field_validator("log_file", mode="before")
     @classmethod
     def _empty_path(cls, value: object) -> object:
-        return None if value == "" else value
+        if value in ("", None):
+            return None
+        return Path(str(value)).expanduser()  # LOG_FILE=~/chatbot.log
 
     @field_validator("log_level", "console_log_level", mode="before")
     @classmethod

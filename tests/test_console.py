@@ -277,7 +277,8 @@ def test_first_start_at_a_terminal_shows_one_bar_then_a_clean_conversation(
     finally:
         console.close()
     assert_no_log_lines(console.screen)
-    status, rest = start.split("\r\n", 1)
+    starting, status, rest = start.split("\r\n", 2)
+    assert starting == "Starting…"  # at once, before torch is imported
     assert status == "Loading the model (first start: converting it once, ~20 s)…"
     # One bar, redrawn in place, ending at 100 % on its own line before "Ready".
     assert re.fullmatch(
@@ -308,5 +309,5 @@ def test_later_start_at_a_terminal(model_cache_dir: Path, bundled: LoadedModel) 
         console.close()
     assert_no_log_lines(console.screen)
     assert "DEBUG" not in console.screen  # CONSOLE_LOG_LEVEL (WARNING) holds the terminal
-    assert start.startswith("Loading the model…\r\n\rLoading the model: ")
+    assert start.startswith("Starting…\r\nLoading the model…\r\n\rLoading the model: ")
     assert re.search(r"Loading the model: 100%[^\r\n]*\r\nReady \(\d+ s\)\.\r\n", start)

@@ -179,3 +179,8 @@ def test_inference_server_url_secrets_never_printed(tmp_path: Path) -> None:
     assert f"127.0.0.1:{port}" in output
     for secret in ("url-Pw44", "url-Key55", "sk-header-Key66"):
         assert secret not in output, secret
+
+
+def test_log_file_home_is_expanded() -> None:
+    assert make_settings(log_file="~/chatbot.log").log_file == Path.home() / "chatbot.log"
+    assert make_settings(log_file="").log_file is None
