@@ -65,6 +65,8 @@ async def serve(settings: Settings, adapters: Sequence[Adapter]) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # From here SIGTERM is a graceful stop (exit 0); before, the default (killed).
+    log.info("Running: %s", ", ".join(a.name for a in adapters))
     try:
         tasks = [asyncio.create_task(a.run(engine, stop), name=a.name) for a in adapters]
         # An adapter that ends (console at end of input) ends the bot.

@@ -121,7 +121,7 @@ def test_sigterm_while_waiting_for_input_exits_0(
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = process.stderr.readline()
-        if "Model ready" in line or not line:
+        if "Running: console" in line or not line:  # SIGTERM is handled from here
             break
     time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
@@ -162,7 +162,7 @@ def test_sigterm_during_a_long_generation_exits_within_the_grace(
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = process.stderr.readline()
-        if "Model ready" in line or not line:
+        if "Running: console" in line or not line:  # SIGTERM is handled from here
             break
     time.sleep(3)  # well into the first reply (1,000 tokens take minutes here)
     stopped = time.monotonic()
