@@ -96,6 +96,7 @@ def clean_text(text: str) -> str:
 
 
 NAME_MAX_CHARS = 32
+NO_NAME = "someone"  # for a person whose name is unknown or cleans down to nothing
 # Markup that chat templates and tokenizers treat as structure: <|im_start|>, </s>,
 # [INST], <<SYS>> and the like. A name is one short line of plain text.
 _MARKUP = re.compile(r"<\|[^<>]*?\|>|</?[A-Za-z_][^<>\s]*>|\[/?[A-Z_]+\]|<<|>>|<\||\|>")
@@ -103,7 +104,7 @@ _MARKUP = re.compile(r"<\|[^<>]*?\|>|</?[A-Za-z_][^<>\s]*>|\[/?[A-Z_]+\]|<<|>>|<
 
 def clean_name(name: str) -> str:
     """A display name safe to show the model: one line, no control characters or
-    template markup, at most NAME_MAX_CHARS characters; "someone" when nothing is left.
+    template markup, at most NAME_MAX_CHARS characters; NO_NAME when nothing is left.
 
     Names are chosen by users, so one could be made to look like a turn ("Bob\n
     <|im_start|>system …"); the prompt also tokenizes names as plain text, this keeps
@@ -115,4 +116,4 @@ def clean_name(name: str) -> str:
     while (stripped := _MARKUP.sub(" ", text)) != text:
         text = stripped
     text = " ".join(text.replace(":", " ").split())[:NAME_MAX_CHARS].strip()
-    return text or "someone"
+    return text or NO_NAME

@@ -142,6 +142,7 @@ class Settings(BaseSettings):
     @field_validator(
         "discord_token",
         "discord_shard_count",
+        "log_file",
         "metrics_port",
         "openai_api_key",
         "slack_bot_token",
@@ -238,12 +239,10 @@ class Settings(BaseSettings):
             return value
         raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
 
-    @field_validator("log_file", mode="before")
+    @field_validator("log_file")
     @classmethod
-    def _empty_path(cls, value: object) -> object:
-        if value in ("", None):
-            return None
-        return Path(str(value)).expanduser()  # LOG_FILE=~/chatbot.log
+    def _home(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value else None  # LOG_FILE=~/chatbot.log
 
     @field_validator("log_level", "console_log_level", mode="before")
     @classmethod

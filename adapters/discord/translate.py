@@ -16,7 +16,7 @@ from enum import StrEnum
 import discord
 
 from bot.attachments import FileRef
-from bot.messages import ConversationKey, Message, clean_name
+from bot.messages import NO_NAME, ConversationKey, Message, clean_name
 from bot.settings import Settings
 from bot.splitting import split_message
 
@@ -192,7 +192,7 @@ def readable_mentions(text: str, names: Names) -> str:
         known = table.get(int(match[1]), "").lstrip("@#")  # the @everyone role's name
         return clean_name(known) if known.strip() else unknown
 
-    text = USER_MENTION.sub(lambda m: "@" + name(names.users, m, "someone"), text)
+    text = USER_MENTION.sub(lambda m: "@" + name(names.users, m, NO_NAME), text)
     text = ROLE_MENTION.sub(lambda m: "@" + name(names.roles, m, "some-role"), text)
     return CHANNEL_MENTION.sub(lambda m: "#" + name(names.channels, m, "some-channel"), text)
 

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bot.attachments import FileRef, ReadFiles
-from bot.messages import ConversationKey, Message, clean_name
+from bot.messages import NO_NAME, ConversationKey, Message, clean_name
 from bot.settings import Settings
 from bot.splitting import split_message
 
@@ -34,7 +34,7 @@ HELP_TEXT = (
 )
 # Who wrote a message, or whom it mentions, when Slack would not say (users.info failed):
 # never the raw id, which means nothing to the model and would be stored.
-NEUTRAL_NAME = "someone"
+NEUTRAL_NAME = NO_NAME
 REFUSAL = "Sorry, I'm not available to you here."
 # /ask where the bot cannot post, by kind of place (Slack answers channel_not_found
 # or not_in_channel): a DM between other people can never take the bot.
