@@ -15,12 +15,12 @@ def configured(settings: Settings) -> list[Adapter]:
     """The platform adapters whose credentials are in the configuration."""
     adapters: list[Adapter] = []
     if settings.discord_token:
-        from adapters.discord.client import DiscordAdapter
+        from adapters.discord.connection import DiscordAdapter
 
         adapters.append(DiscordAdapter(settings))
     if settings.slack_bot_token:
-        from adapters.slack.client import SlackAdapter
-        from bot.dedupe import open_dedupe
+        from adapters.slack.connection import SlackAdapter
+        from bot.store.dedupe import open_dedupe
 
         adapters.append(SlackAdapter(settings, dedupe=open_dedupe(settings)))
     return adapters

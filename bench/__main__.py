@@ -47,10 +47,10 @@ from bench.workloads import (
     timed,
     turn_by_turn,
 )
-from bot.generation import Generator
-from bot.memory import InProcessMemory, Memory, RedisMemory
-from bot.model import bundled_gguf, load_model
+from bot.inference.generation import Generator
+from bot.inference.loader import bundled_gguf, load_model
 from bot.settings import Settings
+from bot.store.memory import InProcessMemory, Memory, RedisMemory
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
                     asyncio.run(closed_loop(setup, chats[:level], plan.closed_budget_s, "this bot"))
                 )
         if args.openai_url and "closed" in chosen:
-            from bot.openai_backend import OpenAIBackend
+            from bot.inference.served import OpenAIBackend
 
             server = settings.model_copy(
                 update={

@@ -31,9 +31,9 @@ from typing import Any
 
 from bench.report import usable_cpus
 from bot.engine import Engine
-from bot.memory import Memory
 from bot.messages import ConversationKey, Message
 from bot.settings import Settings
+from bot.store.memory import Memory
 
 log = logging.getLogger("bench")
 

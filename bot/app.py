@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from bot.engine import Engine
-from bot.generation import Generator
-from bot.memory import open_memory
-from bot.model import load_model
+from bot.inference.generation import Generator
+from bot.inference.loader import load_model
+from bot.inference.local import LocalBackend
 from bot.settings import Settings
+from bot.store.memory import open_memory
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ async def build_engine(settings: Settings) -> Engine:
     """Memory first (a bad REDIS_URL fails fast), then the model, on a worker thread."""
     memory = await open_memory(settings)
     if settings.model_backend == "openai":
-        from bot.openai_backend import OpenAIBackend
+        from bot.inference.served import OpenAIBackend
 
         backend = OpenAIBackend(settings)
         log.info("Replies come from the inference server at %s", backend.masked_url)
@@ -50,7 +51,8 @@ async def build_engine(settings: Settings) -> Engine:
         raise
     finally:
         heartbeat.cancel()
-    return Engine.from_settings(Generator.from_settings(loaded, settings), memory, settings)
+    local = LocalBackend.from_settings(Generator.from_settings(loaded, settings), settings)
+    return Engine.from_settings(local, memory, settings)
 
 
 async def serve(settings: Settings, adapters: Sequence[Adapter]) -> None:

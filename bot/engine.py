@@ -10,28 +10,19 @@ together. Different conversations proceed concurrently.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Protocol
 
 from bot import metrics
 from bot.attachments import prompt_text
-from bot.batching import Batcher, BatchRunner
-from bot.forgetting import Forgotten, forget_person
-from bot.memory import Memory, authors
+from bot.inference.backend import Backend, Prompt
 from bot.messages import ConversationKey, Message, Reply, Turn, clean_name, clean_text
-from bot.prompt import Prompt
 from bot.settings import Settings
-
-if TYPE_CHECKING:  # torch is imported only with a local model
-    from bot.scheduler import Scheduler
+from bot.store.forgetting import Forgotten, forget_person
+from bot.store.memory import Memory, authors
 
 log = logging.getLogger(__name__)
 
@@ -49,143 +40,6 @@ def truncation_note(prompt: Prompt) -> str:
         f"(Your message was too long for me: I read only its first "
         f"{len(prompt.user_text):,} of {prompt.original_chars:,} characters.)\n\n"
     )
-
-
-class ModelRunner(BatchRunner, Protocol):
-    """A local model: blocking methods, run on worker threads (bot.generation.Generator)."""
-
-    def prepare(
-        self,
-        history: list[Turn],
-        user_text: str,
-        system_prompt: str | None = None,
-        speaker: str | None = None,
-    ) -> Prompt: ...
-
-
-class Backend(ABC):
-    """Where replies are generated: the local model, or an inference server."""
-
-    @abstractmethod
-    async def prepare(
-        self,
-        history: list[Turn],
-        user_text: str,
-        system_prompt: str | None = None,
-        speaker: str | None = None,
-    ) -> Prompt:
-        """The prompt for `user_text` after `history`, fitted to the model;
-        `system_prompt` replaces the configured one (a channel's persona). With
-        `speaker` (the new message's author), user turns carry their authors' names."""
-
-    @abstractmethod
-    def stream(self, prompt: Prompt) -> AsyncIterator[str]:
-        """The reply's text as it is generated; closing the iterator stops generation."""
-
-    async def ready(self) -> bool:
-        """Whether replies can be generated now (for readiness checks)."""
-        return True
-
-    def forget(self, conversation: str) -> None:  # noqa: B027 - optional for backends
-        """Drop whatever the backend keeps of a conversation (a model cache)."""
-
-    @abstractmethod
-    async def close(self) -> None:
-        """Release threads and connections."""
-
-
-class LocalBackend(Backend):
-    """A local model on one worker thread: decoder-only models in the step scheduler
-    (bot.scheduler), others dynamically batched through `generate` (bot.batching)."""
-
-    def __init__(
-        self,
-        runner: ModelRunner,
-        max_batch: int = 16,
-        max_wait: float = 0.01,
-        close_timeout: float = 5.0,
-    ) -> None:
-        self.runner = runner
-        self.scheduler: Scheduler | None = getattr(runner, "scheduler", None)
-        self.close_timeout = close_timeout
-        # Prompt fitting on its own thread, so it never waits behind generation.
-        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
-        self._generate_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        self.batcher = Batcher(runner, self._generate_pool, max_batch, max_wait)
-
-    async def prepare(
-        self,
-        history: list[Turn],
-        user_text: str,
-        system_prompt: str | None = None,
-        speaker: str | None = None,
-    ) -> Prompt:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._prepare_pool, self.runner.prepare, history, user_text, system_prompt, speaker
-        )
-
-    async def stream(self, prompt: Prompt) -> AsyncIterator[str]:
-        """Generate, yielding text as the worker thread decodes it."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | _End] = asyncio.Queue()
-        stop = threading.Event()
-
-        def hand_over(item: str | _End) -> None:
-            # RuntimeError: the loop closed under the worker thread (the bot is exiting).
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        if self.scheduler is not None:
-            from bot.scheduler import Row  # loaded already, with the model
-
-            self.scheduler.submit(
-                Row(
-                    prompt.input_ids,
-                    prompt.conversation,
-                    hand_over,
-                    stop,
-                    lambda _text, error: hand_over(_End(error)),
-                )
-            )
-        else:
-            # The worker's text reaches the loop before the batch's result does, so the
-            # end marker queued on completion comes after the last piece of text.
-            result = asyncio.ensure_future(self.batcher.generate(prompt, hand_over, stop))
-            result.add_done_callback(
-                lambda f: queue.put_nowait(_End(None if f.cancelled() else f.exception() or None))
-            )
-        try:
-            while not isinstance(item := await queue.get(), _End):
-                yield item
-            if item.error is not None:
-                raise item.error
-        finally:
-            # The reader went away (closed, cancelled): stop this row at the next step.
-            stop.set()
-
-    def forget(self, conversation: str) -> None:
-        if self.scheduler is not None:
-            self.scheduler.forget(conversation)
-
-    async def ready(self) -> bool:
-        return self.scheduler is None or self.scheduler.alive
-
-    async def close(self) -> None:
-        """Stop the running rows and the worker, waiting off the loop, bounded."""
-        await self.batcher.close()
-        scheduler = self.scheduler
-        if scheduler and not await asyncio.to_thread(scheduler.close, self.close_timeout):
-            log.warning("The model was still busy %.0f s after stopping", self.close_timeout)
-        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
-        self._generate_pool.shutdown(wait=False, cancel_futures=True)
-
-
-class _End:
-    """The end of a stream of text, with the generation's error if it failed."""
-
-    def __init__(self, error: BaseException | None) -> None:
-        self.error = error
 
 
 class _ConversationOrder:
@@ -250,19 +104,15 @@ class Engine:
 
     def __init__(
         self,
-        model: Backend | ModelRunner,
+        backend: Backend,
         memory: Memory,
         *,
-        max_batch: int = 16,
-        max_wait: float = 0.01,
         max_queue: int = 256,
         speaker_names: bool = True,
     ) -> None:
-        """`model`: a Backend, or a local model runner (batched by a LocalBackend).
+        """`backend`: where replies are generated (bot.app chooses it).
         `speaker_names`: in shared conversations, the model sees who said each turn."""
-        self.backend = (
-            model if isinstance(model, Backend) else LocalBackend(model, max_batch, max_wait)
-        )
+        self.backend = backend
         self.memory = memory
         self.max_queue = max_queue
         self.speaker_names = speaker_names
@@ -272,15 +122,11 @@ class Engine:
         self._answering: dict[tuple[str, str], list[ConversationKey]] = {}
 
     @classmethod
-    def from_settings(
-        cls, model: Backend | ModelRunner, memory: Memory, settings: Settings
-    ) -> Engine:
-        """An engine with the configured batching and queue limits."""
+    def from_settings(cls, backend: Backend, memory: Memory, settings: Settings) -> Engine:
+        """An engine with the configured queue limit."""
         return cls(
-            model,
+            backend,
             memory,
-            max_batch=settings.batch_size,
-            max_wait=settings.batch_wait_ms / 1000,
             max_queue=settings.max_queue,
             speaker_names=settings.speaker_names,
         )

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     openai_base_url: SecretStr | None = None
     openai_model: str = ""
     openai_api_key: SecretStr | None = None
-    # The server's window (prompt + reply), in tokens counted approximately (bot.openai_backend)
+    # The server's window (prompt + reply), in tokens counted approximately (bot.inference.served)
     openai_context_tokens: int = Field(default=4096, ge=256)
     openai_connect_timeout_seconds: float = Field(default=10.0, gt=0)
     # Until the first token (queueing at the server and reading the prompt), then silence

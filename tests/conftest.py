@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from bot.generation import Generator
-from bot.model import LoadedModel, load_model
+from bot.inference.generation import Generator
+from bot.inference.loader import LoadedModel, load_model
 from bot.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,9 +10,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from bot.engine import Engine, LocalBackend
+from bot.engine import Engine
+from bot.inference.backend import Prompt
+from bot.inference.local import LocalBackend
+from bot.inference.prompt import PromptFormat
 from bot.messages import Turn
-from bot.prompt import Prompt, PromptFormat
 
 
 class ScriptedModel:

@@ -7,9 +7,10 @@ import threading
 from collections.abc import Callable
 
 from bot.engine import APOLOGY, Engine
-from bot.memory import InProcessMemory
+from bot.inference.backend import Prompt
+from bot.inference.local import LocalBackend
 from bot.messages import ConversationKey, Message, Turn
-from bot.prompt import Prompt
+from bot.store.memory import InProcessMemory
 from tests.scripted import ScriptedModel
 
 
@@ -68,7 +69,7 @@ def message(text: str) -> Message:
 
 async def test_gated_model_holds_its_reply_until_released() -> None:
     model = GatedModel("0123456789abc", chunk=10)
-    engine = Engine(model, InProcessMemory(20, 3600))
+    engine = Engine(LocalBackend(model), InProcessMemory(20, 3600))
     stream = engine.stream(message("go"))
     chunks = stream.__aiter__()
     assert await chunks.__anext__() == "0123456789"
@@ -80,7 +81,7 @@ async def test_gated_model_holds_its_reply_until_released() -> None:
 
 
 async def test_fails_midway_ends_in_the_apology() -> None:
-    engine = Engine(FailsMidway("x" * 100, 60, chunk=25), InProcessMemory(20, 3600))
+    engine = Engine(LocalBackend(FailsMidway("x" * 100, 60, chunk=25)), InProcessMemory(20, 3600))
     stream = engine.stream(message("go"))
     chunks = [chunk async for chunk in stream]
     assert "".join(chunks[:-1]) == "x" * 60 and chunks[-1].endswith(APOLOGY)

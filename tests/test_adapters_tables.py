@@ -4,7 +4,7 @@ bounded: they shrink by expiry or least-recent use, with nobody calling a sweep.
 from __future__ import annotations
 
 from adapters.bounded import RecentSet
-from bot.dedupe import InProcessDedupe
+from bot.store.dedupe import InProcessDedupe
 from bot.streaming import EditPacer
 
 

@@ -10,10 +10,11 @@ import pytest
 
 from bot.attachments import FileRef, decode, is_text, prompt_text, read_files
 from bot.engine import Engine
-from bot.generation import Generator
-from bot.memory import InProcessMemory
+from bot.inference.generation import Generator
+from bot.inference.loader import LoadedModel
+from bot.inference.local import LocalBackend
 from bot.messages import ConversationKey, FileText, Message
-from bot.model import LoadedModel
+from bot.store.memory import InProcessMemory
 from tests.conftest import make_settings
 from tests.scripted import ScriptedModel
 
@@ -111,7 +112,7 @@ async def test_reading_nothing_when_turned_off() -> None:
 
 async def test_the_engine_reads_files_and_shows_notes_first() -> None:
     model = ScriptedModel("It fails on line 2.")
-    engine = Engine(model, InProcessMemory(20, 600))
+    engine = Engine(LocalBackend(model), InProcessMemory(20, 600))
     channel = ConversationKey("slack", "C1", "1.0")
     message = Message(
         channel,
@@ -142,7 +143,9 @@ async def test_the_real_model_with_default_settings_reads_a_big_file(bundled: Lo
     """The bundled model, default settings, a shared channel: a 100 kB log attached to a
     question is cut to the prompt budget (the reply says so) and answered; the stored
     turn is what the model read, not the whole file."""
-    engine = Engine(Generator.from_settings(bundled, make_settings()), InProcessMemory(20, 600))
+    engine = Engine(
+        LocalBackend(Generator.from_settings(bundled, make_settings())), InProcessMemory(20, 600)
+    )
     log_text = "".join(f"2026-11-30 12:{i % 60:02d} INFO request {i} ok\n" for i in range(2500))
     assert len(log_text) > 90_000
     channel = ConversationKey("discord", "9")

@@ -9,9 +9,10 @@ import threading
 import pytest
 
 from bot.engine import BUSY, Engine
-from bot.memory import InProcessMemory
+from bot.inference.loader import LoadedModel, load_model
+from bot.inference.local import LocalBackend
 from bot.messages import ConversationKey, Message
-from bot.model import LoadedModel, load_model
+from bot.store.memory import InProcessMemory
 from tests.conftest import greedy, make_settings
 from tests.scripted import ScriptedModel
 
@@ -53,7 +54,9 @@ def test_greedy_batched_equals_alone(bundled_fp32: LoadedModel) -> None:
 
 @pytest.mark.model
 async def test_concurrent_conversations_share_steps(bundled: LoadedModel) -> None:
-    engine = Engine(greedy(bundled, max_new_tokens=12), InProcessMemory(20, 3600), max_wait=0.05)
+    engine = Engine(
+        LocalBackend(greedy(bundled, max_new_tokens=12), max_wait=0.05), InProcessMemory(20, 3600)
+    )
     questions = {f"c{i}": "What is the capital of France?" for i in range(6)}
     questions["odd"] = "Reply with the word banana."
 
@@ -78,7 +81,7 @@ async def test_concurrent_conversations_share_steps(bundled: LoadedModel) -> Non
 
 async def test_flood_gets_the_busy_answer_and_memory_stays_bounded() -> None:
     model = ScriptedModel("slow answer", chunk=4, delay=0.02)
-    engine = Engine(model, InProcessMemory(20, 3600), max_queue=3)
+    engine = Engine(LocalBackend(model), InProcessMemory(20, 3600), max_queue=3)
     replies = await asyncio.gather(*(engine.reply(msg(f"m{i}", f"c{i}")) for i in range(10)))
     busy = [r for r in replies if r.text == BUSY]
     assert len(busy) == 7 and all(not r.ok for r in busy)

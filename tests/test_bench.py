@@ -24,8 +24,8 @@ from bench.workloads import (
     open_loop,
     turn_by_turn,
 )
-from bot.memory import InProcessMemory, Memory
 from bot.settings import Settings
+from bot.store.memory import InProcessMemory, Memory
 from tests.scripted import ScriptedModel
 
 

@@ -24,10 +24,12 @@ import redis
 
 from adapters.console import CONVERSATION, HELP, ConsoleAdapter
 from bot.engine import COMMAND_FAILED, Engine
-from bot.forgetting import Forgotten, describe
-from bot.memory import InProcessMemory, redis_key
+from bot.forgetting import describe
+from bot.inference.loader import LoadedModel
+from bot.inference.local import LocalBackend
 from bot.messages import ConversationKey
-from bot.model import LoadedModel
+from bot.store.forgetting import Forgotten
+from bot.store.memory import InProcessMemory, redis_key
 from tests.conftest import REPO, RedisServer, bot_env, greedy, run_bot
 from tests.scripted import ScriptedModel
 
@@ -56,7 +58,7 @@ async def run_console(engine: Engine, text: str, interactive: bool = False) -> s
 
 async def test_commands_and_one_reply_per_message(bundled: LoadedModel) -> None:
     memory = InProcessMemory(20, 3600)
-    engine = Engine(greedy(bundled, max_new_tokens=4), memory)
+    engine = Engine(LocalBackend(greedy(bundled, max_new_tokens=4)), memory)
     output = await run_console(engine, "/help\nHello\n\n   \nHow are you?\n/reset\nHi again\n")
     assert output.startswith(HELP + "\n")
     assert "Conversation forgotten.\n" in output
@@ -68,7 +70,7 @@ async def test_commands_and_one_reply_per_message(bundled: LoadedModel) -> None:
 
 
 async def test_interactive_mode_streams_after_a_prompt(bundled: LoadedModel) -> None:
-    engine = Engine(greedy(bundled, max_new_tokens=8), InProcessMemory(20, 3600))
+    engine = Engine(LocalBackend(greedy(bundled, max_new_tokens=8)), InProcessMemory(20, 3600))
     output = await run_console(engine, "What is the capital of France?\n/quit\nnever read\n", True)
     assert "you> bot> " in output and "Paris" in output
     assert output.count("you> ") == 2  # /quit ends the session
@@ -77,7 +79,7 @@ async def test_interactive_mode_streams_after_a_prompt(bundled: LoadedModel) -> 
 
 async def test_forget_deletes_what_was_said_at_the_console() -> None:
     memory = InProcessMemory(20, 3600)
-    engine = Engine(ScriptedModel("Noted."), memory)
+    engine = Engine(LocalBackend(ScriptedModel("Noted.")), memory)
     output = await run_console(engine, "My name is Ada.\nI live in Paris.\n/forget\n/forget\n")
     await engine.close()
     assert output.splitlines() == [
@@ -97,7 +99,7 @@ async def test_a_failed_command_is_answered_and_the_session_goes_on(
         async def conversations_of(self, platform: str, user_id: str) -> list[ConversationKey]:
             raise ConnectionError("memory unreachable")
 
-    engine = Engine(ScriptedModel("Noted."), Unreachable(20, 3600))
+    engine = Engine(LocalBackend(ScriptedModel("Noted.")), Unreachable(20, 3600))
     output = await run_console(engine, "hello\n/forget\nafter\n")
     await engine.close()
     # Piped: still one line per input line.
@@ -248,7 +250,13 @@ BARS_OF_TRANSFORMERS = ("de-quantizing", "Loading weights", "Writing model shard
 
 
 def assert_no_log_lines(screen: str) -> None:
-    for text in (" INFO ", "Replied in", "Still loading", "bot.model", *BARS_OF_TRANSFORMERS):
+    for text in (
+        " INFO ",
+        "Replied in",
+        "Still loading",
+        "bot.inference.loader",
+        *BARS_OF_TRANSFORMERS,
+    ):
         assert text not in screen, f"{text!r} on the screen:\n{screen}"
 
 
@@ -294,8 +302,8 @@ def test_first_start_at_a_terminal_shows_one_bar_then_a_clean_conversation(
     assert console.screen.endswith("you> \r\n")  # Ctrl-D: the shell's prompt starts afresh
 
     log = log_file.read_text(encoding="utf-8")
-    assert "INFO bot.model: First start: converting the bundled model" in log
-    assert "INFO bot.model: Model ready in" in log
+    assert "INFO bot.inference.loader: First start: converting the bundled model" in log
+    assert "INFO bot.inference.loader: Model ready in" in log
     assert log.count("INFO bot.engine: Replied in console:terminal to message") == 2
 
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from bot.dedupe import InProcessDedupe, RedisDedupe
+from bot.store.dedupe import InProcessDedupe, RedisDedupe
 from tests.conftest import RedisServer
 
 

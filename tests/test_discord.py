@@ -19,13 +19,15 @@ import pytest
 import redis.asyncio
 import yarl
 
-from adapters.discord.client import DiscordAdapter
+from adapters.discord.connection import DiscordAdapter
 from adapters.discord.translate import HELP_LINE, REFUSAL
 from bot import forgetting
-from bot.engine import APOLOGY, Engine, ModelRunner
-from bot.memory import InProcessMemory, Memory, RedisMemory, redis_key, user_key
+from bot.engine import APOLOGY, Engine
+from bot.inference.loader import LoadedModel
+from bot.inference.local import LocalBackend, ModelRunner
 from bot.messages import ConversationKey, Turn
-from bot.model import LoadedModel
+from bot.store.forgetting import Forgotten
+from bot.store.memory import InProcessMemory, Memory, RedisMemory, redis_key, user_key
 from tests.conftest import RedisServer, greedy, make_settings
 from tests.fake_discord import (
     ANN,
@@ -149,7 +151,9 @@ async def discord_bot(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Factory]
         )
         # discord.py waits 2 s for more guilds before READY; the fake has only one.
         adapter.client._connection.guild_ready_timeout = 0.05
-        engine = Engine(runner or ScriptedModel(), memory or InProcessMemory(20, 3600))
+        engine = Engine(
+            LocalBackend(runner or ScriptedModel()), memory or InProcessMemory(20, 3600)
+        )
         stop = asyncio.Event()
         task = asyncio.create_task(adapter.run(engine, stop))
         await asyncio.wait_for(adapter.ready.wait(), 30)
@@ -887,7 +891,7 @@ async def test_forget_removes_one_persons_turns_in_every_channel(
     assert (ack.body or {})["type"] == 5 and (ack.body or {})["data"]["flags"] == 64
     (answer,) = await bot.fake.wait_for(lambda c: c.path.endswith("/messages/@original"))
     # Her 4 messages (and the replies to them), from 2 conversations.
-    assert (answer.body or {})["content"] == forgetting.describe(forgetting.Forgotten(4, 2))
+    assert (answer.body or {})["content"] == forgetting.describe(Forgotten(4, 2))
     store = redis.asyncio.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         for channel in (GENERAL, RANDOM):
@@ -906,7 +910,7 @@ async def test_forget_removes_one_persons_turns_in_every_channel(
     await bot.interact("forget")
     await bot.fake.wait_for(lambda c: c.path.endswith("/messages/@original"), 2)
     again = bot.fake.matching(lambda c: c.path.endswith("/messages/@original"))[-1]
-    assert (again.body or {})["content"] == forgetting.describe(forgetting.Forgotten(0, 0))
+    assert (again.body or {})["content"] == forgetting.describe(Forgotten(0, 0))
     # Her next message is answered without her old turns.
     await bot.say(f"<@{BOT_ID}> fresh start")
     await bot.replies(sent + 1)

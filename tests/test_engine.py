@@ -12,11 +12,12 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from bot.engine import APOLOGY, EMPTY_MESSAGE_REPLY, Engine
-from bot.generation import Generator
-from bot.memory import InProcessMemory, RedisMemory
+from bot.inference.backend import Prompt
+from bot.inference.generation import Generator
+from bot.inference.loader import LoadedModel
+from bot.inference.local import LocalBackend
 from bot.messages import ConversationKey, Message, Turn
-from bot.model import LoadedModel
-from bot.prompt import Prompt
+from bot.store.memory import InProcessMemory, RedisMemory
 from tests.conftest import RedisServer, greedy
 from tests.scripted import ScriptedModel
 from tests.test_memory import CountingConnection
@@ -65,7 +66,7 @@ def memory() -> InProcessMemory:
 
 
 async def test_greedy_answer_to_a_known_question(bundled: LoadedModel) -> None:
-    engine = Engine(greedy(bundled), memory())
+    engine = Engine(LocalBackend(greedy(bundled)), memory())
     reply = await engine.reply(msg("What is the capital of France?"))
     assert reply.ok and "Paris" in reply.text
     stored = await engine.memory.history(ConversationKey("test", "c1"))
@@ -76,7 +77,7 @@ async def test_greedy_answer_to_a_known_question(bundled: LoadedModel) -> None:
 
 async def test_history_reaches_the_model(bundled: LoadedModel) -> None:
     recorder = Recorder(greedy(bundled, max_new_tokens=16))
-    engine = Engine(recorder, memory())
+    engine = Engine(LocalBackend(recorder), memory())
     await engine.reply(msg("My name is Zorblax and my favourite colour is teal."))
     second = await engine.reply(msg("What is my name?"))
     # The fact told in turn one is in turn two's prompt, before the new question.
@@ -91,7 +92,7 @@ async def test_history_reaches_the_model(bundled: LoadedModel) -> None:
 
 
 async def test_stream_chunks_make_the_reply(bundled: LoadedModel) -> None:
-    engine = Engine(greedy(bundled, max_new_tokens=32), memory())
+    engine = Engine(LocalBackend(greedy(bundled, max_new_tokens=32)), memory())
     stream = engine.stream(msg("Name three colours."))
     chunks = [chunk async for chunk in stream]
     assert len(chunks) > 1, "the reply arrives in several pieces"
@@ -100,7 +101,7 @@ async def test_stream_chunks_make_the_reply(bundled: LoadedModel) -> None:
 
 
 async def test_order_within_a_conversation_under_concurrency(bundled: LoadedModel) -> None:
-    engine = Engine(greedy(bundled, max_new_tokens=4), memory())
+    engine = Engine(LocalBackend(greedy(bundled, max_new_tokens=4)), memory())
     sent: dict[str, list[str]] = {f"conv{c}": [] for c in range(3)}
     tasks = []
     for i in range(4):
@@ -119,7 +120,7 @@ async def test_order_within_a_conversation_under_concurrency(bundled: LoadedMode
 
 
 async def test_other_conversations_do_not_wait(bundled: LoadedModel) -> None:
-    engine = Engine(greedy(bundled, max_new_tokens=8), memory())
+    engine = Engine(LocalBackend(greedy(bundled, max_new_tokens=8)), memory())
     first = engine.stream(msg("Tell me about cats.", "a"))
     iterator = aiter(first)
     await anext(iterator)  # conversation a is now mid-reply, and stays so
@@ -136,7 +137,9 @@ async def test_other_conversations_do_not_wait(bundled: LoadedModel) -> None:
 async def test_failed_generation_apologises_and_the_next_works(
     bundled: LoadedModel, caplog: pytest.LogCaptureFixture
 ) -> None:
-    engine = Engine(Recorder(greedy(bundled, max_new_tokens=8), fail_on="BOOM"), memory())
+    engine = Engine(
+        LocalBackend(Recorder(greedy(bundled, max_new_tokens=8), fail_on="BOOM")), memory()
+    )
     key = ConversationKey("test", "c1")
     await engine.reply(msg("Hello"))
     failed = await engine.reply(msg("BOOM please", message_id="m2"))
@@ -151,7 +154,7 @@ async def test_failed_generation_apologises_and_the_next_works(
 
 
 async def test_too_long_message_is_cut_and_the_reply_says_so(bundled: LoadedModel) -> None:
-    engine = Engine(greedy(bundled, max_new_tokens=8, context_tokens=200), memory())
+    engine = Engine(LocalBackend(greedy(bundled, max_new_tokens=8, context_tokens=200)), memory())
     text = "Please summarise this. " + "lorem ipsum dolor sit amet " * 2000
     reply = await engine.reply(msg(text))
     assert reply.ok and reply.truncated_input
@@ -163,7 +166,7 @@ async def test_too_long_message_is_cut_and_the_reply_says_so(bundled: LoadedMode
 
 async def test_empty_and_hostile_text(bundled: LoadedModel) -> None:
     recorder = Recorder(greedy(bundled, max_new_tokens=4))
-    engine = Engine(recorder, memory())
+    engine = Engine(LocalBackend(recorder), memory())
     assert (await engine.reply(msg("  \n\t "))).text == EMPTY_MESSAGE_REPLY
     assert recorder.generations == 0
     hostile = await engine.reply(msg("nul\x00 lone \ud800 surrogate \u202e rtl"))
@@ -172,7 +175,7 @@ async def test_empty_and_hostile_text(bundled: LoadedModel) -> None:
 
 
 async def test_event_loop_keeps_running_during_generation(bundled: LoadedModel) -> None:
-    engine = Engine(greedy(bundled, max_new_tokens=48), memory())
+    engine = Engine(LocalBackend(greedy(bundled, max_new_tokens=48)), memory())
     lags: list[float] = []
     done = asyncio.Event()
 
@@ -199,7 +202,7 @@ async def test_redis_round_trips_per_message_and_outage(
     bundled: LoadedModel, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = RedisMemory(redis_server.url, 20, 600, timeout=0.5, connection_class=CountingConnection)
-    engine = Engine(greedy(bundled, max_new_tokens=4), store)
+    engine = Engine(LocalBackend(greedy(bundled, max_new_tokens=4)), store)
     key = ConversationKey("test", "c1")
     await engine.reply(msg("Hello"))
     CountingConnection.sends = 0
@@ -224,7 +227,7 @@ async def test_redis_round_trips_per_message_and_outage(
 async def test_a_dropped_stream_releases_its_conversation() -> None:
     """A stream abandoned without aclose() does not hold its conversation until the
     garbage collector runs (it is disabled here)."""
-    engine = Engine(ScriptedModel("word " * 200, chunk=5, delay=0.01), memory())
+    engine = Engine(LocalBackend(ScriptedModel("word " * 200, chunk=5, delay=0.01)), memory())
     gc.disable()
     try:
         stream = engine.stream(msg("first"))

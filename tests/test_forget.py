@@ -11,10 +11,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from bot.engine import Engine
-from bot.forgetting import Forgotten, describe, forget_person
-from bot.memory import InProcessMemory, Memory, RedisMemory, redis_key, user_key
+from bot.forgetting import describe
+from bot.inference.loader import LoadedModel
+from bot.inference.local import LocalBackend
 from bot.messages import ConversationKey, Message, Turn
-from bot.model import LoadedModel
+from bot.store.forgetting import Forgotten, forget_person
+from bot.store.memory import InProcessMemory, Memory, RedisMemory, redis_key, user_key
 from tests.conftest import RedisServer, bot_env, greedy, run_bot
 from tests.scripted import ScriptedModel
 
@@ -60,7 +62,7 @@ def texts(turns: list[Turn]) -> list[str]:
 
 
 async def test_forgetting_removes_exactly_that_persons_turns(memory: Memory) -> None:
-    engine = Engine(ScriptedModel(lambda text: f"re: {text}"), memory)
+    engine = Engine(LocalBackend(ScriptedModel(lambda text: f"re: {text}")), memory)
     await chat(engine)
     forgotten = await engine.forget_user("discord", "1")
     assert forgotten == Forgotten(turns=4, conversations=3)
@@ -79,7 +81,7 @@ async def test_forgetting_removes_exactly_that_persons_turns(memory: Memory) -> 
 
 async def test_redis_keys_for_forgetting(redis_server: RedisServer) -> None:
     memory = RedisMemory(redis_server.url, 20, 600)
-    engine = Engine(ScriptedModel(), memory)
+    engine = Engine(LocalBackend(ScriptedModel()), memory)
     await chat(engine)
     probe = aioredis.from_url(redis_server.url, decode_responses=True)
     key = user_key("discord", "1")
@@ -97,7 +99,7 @@ async def test_redis_keys_for_forgetting(redis_server: RedisServer) -> None:
 
 async def test_a_reply_in_progress_is_stored_then_forgotten() -> None:
     memory = InProcessMemory(20, 600)
-    engine = Engine(ScriptedModel("a slow reply", chunk=1, delay=0.02), memory)
+    engine = Engine(LocalBackend(ScriptedModel("a slow reply", chunk=1, delay=0.02)), memory)
     stream = engine.stream(said(OTHER, "1", "my first message here"))
     chunks = aiter(stream)
     await anext(chunks)  # generating now; nothing stored yet, no index lists OTHER
@@ -113,7 +115,7 @@ async def test_the_model_cache_of_a_conversation_goes_too(bundled: LoadedModel) 
     generator = greedy(bundled, max_new_tokens=4)
     scheduler = generator.scheduler
     assert scheduler is not None
-    engine = Engine(generator, InProcessMemory(20, 600))
+    engine = Engine(LocalBackend(generator), InProcessMemory(20, 600))
     await engine.reply(said(GENERAL, "1", "my secret is 4417"))
     assert len(scheduler.store) == 1
     await engine.forget_user("discord", "1")
@@ -136,7 +138,7 @@ def test_what_the_person_is_told() -> None:
 
 async def test_the_command_line(redis_server: RedisServer) -> None:
     memory = RedisMemory(redis_server.url, 20, 600)
-    engine = Engine(ScriptedModel(), memory)
+    engine = Engine(LocalBackend(ScriptedModel()), memory)
     await chat(engine)
     done = await asyncio.to_thread(
         run_bot,
@@ -177,7 +179,7 @@ async def test_someone_who_stopped_talking_is_still_found(redis_server: RedisSer
     """Their list of conversations lives as long as a conversation holding their turns:
     renewed whenever anyone writes there, not only when they do."""
     memory = RedisMemory(redis_server.url, 20, 600)
-    engine = Engine(ScriptedModel(), memory)
+    engine = Engine(LocalBackend(ScriptedModel()), memory)
     probe = aioredis.from_url(redis_server.url, decode_responses=True)
     await engine.reply(said(GENERAL, "1", "alice, once"))
     await probe.expire(user_key("discord", "1"), 1)  # about to expire, as after days
@@ -194,7 +196,7 @@ async def test_a_message_stored_while_forgetting_is_found_next_time(
     """A turn stored elsewhere while a /forget runs (another replica, a quick message)
     stays findable: forgetting unlists each conversation as it goes, never the whole list."""
     memory = RedisMemory(redis_server.url, 20, 600)
-    engine = Engine(ScriptedModel(), memory)
+    engine = Engine(LocalBackend(ScriptedModel()), memory)
     await chat(engine)
     meanwhile = ConversationKey("discord", "300")
 

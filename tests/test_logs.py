@@ -17,9 +17,10 @@ import pytest
 
 from adapters.console import ConsoleAdapter
 from bot.engine import Engine
+from bot.inference.backend import Prompt
+from bot.inference.local import LocalBackend
 from bot.logs import RedactingFormatter, Terminal, TerminalHandler, setup_logging, status
-from bot.memory import InProcessMemory
-from bot.prompt import Prompt
+from bot.store.memory import InProcessMemory
 from tests.conftest import REPO, bot_env, run_bot
 from tests.scripted import ScriptedModel
 
@@ -140,7 +141,7 @@ async def test_console_reply_and_prompt_stay_clear_of_log_records() -> None:
     level = log.level
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    engine = Engine(WarnsMidReply(), InProcessMemory(20, 3600))
+    engine = Engine(LocalBackend(WarnsMidReply()), InProcessMemory(20, 3600))
     adapter = ConsoleAdapter(
         io.StringIO("What is the capital of France?\nAgain?\n"), screen, True, terminal
     )

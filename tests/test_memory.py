@@ -11,8 +11,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from bot.engine import Engine
-from bot.memory import InProcessMemory, Memory, RedisMemory, redis_key
+from bot.inference.local import LocalBackend
 from bot.messages import ConversationKey, Message, Turn
+from bot.store.memory import InProcessMemory, Memory, RedisMemory, redis_key
 from tests.conftest import RedisServer
 from tests.scripted import ScriptedModel
 
@@ -117,7 +118,7 @@ async def test_redis_outage_one_warning_then_resumes(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     memory = RedisMemory(redis_server.url, max_turns=10, ttl_seconds=600, timeout=0.5)
-    caplog.set_level(logging.INFO, logger="bot.redis_client")
+    caplog.set_level(logging.INFO, logger="bot.store.connection")
     await memory.append(A, turns("before"))
     redis_server.stop()
     for _ in range(3):
@@ -181,7 +182,7 @@ async def test_two_processes_answer_one_conversation_in_order(redis_server: Redi
     one thread are answered one after the other, the second with the first exchange in
     its history, and stored in order."""
     models = [ScriptedModel(lambda text: f"answer to {text}", chunk=4, delay=0.02) for _ in "ab"]
-    engines = [Engine(m, RedisMemory(redis_server.url, 20, 600)) for m in models]
+    engines = [Engine(LocalBackend(m), RedisMemory(redis_server.url, 20, 600)) for m in models]
     key = ConversationKey("slack", "C1", "1712345678.000100")
     first = asyncio.create_task(engines[0].reply(Message(key, "u1", "Ann", "one")))
     await asyncio.sleep(0.01)

@@ -11,9 +11,10 @@ import torch
 from transformers import BlenderbotConfig, BlenderbotForConditionalGeneration
 
 from bot.engine import Engine
-from bot.memory import InProcessMemory
+from bot.inference.loader import BUNDLED_NAME, LoadedModel, cpu_dtype, load_model
+from bot.inference.local import LocalBackend
 from bot.messages import ConversationKey, Message, Turn
-from bot.model import BUNDLED_NAME, LoadedModel, cpu_dtype, load_model
+from bot.store.memory import InProcessMemory
 from tests.conftest import greedy, make_settings
 
 pytestmark = pytest.mark.model
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.model
 def test_bundled_model_loads_from_its_cache(
     bundled: LoadedModel, model_cache_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="bot.model")
+    caplog.set_level(logging.INFO, logger="bot.inference.loader")
     cache = next(model_cache_dir.iterdir())
     assert (cache / "model.safetensors").is_file() and (cache / "source.json").is_file()
     again = load_model(make_settings(model_cache_dir=model_cache_dir))
@@ -105,7 +106,7 @@ async def test_seq2seq_model_through_the_same_loading_code(tiny_seq2seq: Path) -
     assert greedy(loaded, max_new_tokens=500).options.max_new_tokens == 63  # decoder's window
     generator = greedy(loaded, max_new_tokens=6, system_prompt="SYSTEM-PROMPT-TEXT")
     spy = PromptSpy(generator)
-    engine = Engine(spy, InProcessMemory(20, 3600))
+    engine = Engine(LocalBackend(spy), InProcessMemory(20, 3600))
     key = ConversationKey("test", "s2s")
     first = await engine.reply(Message(key, "u", "U", "Hello there.", is_direct=True))
     second = await engine.reply(Message(key, "u", "U", "How are you?", is_direct=True))

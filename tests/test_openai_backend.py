@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from bot.engine import APOLOGY, Engine
-from bot.memory import InProcessMemory
+from bot.inference.loader import LoadedModel
+from bot.inference.served import OpenAIBackend
 from bot.messages import ConversationKey, Message
-from bot.model import LoadedModel
-from bot.openai_backend import OpenAIBackend
+from bot.store.memory import InProcessMemory
 from tests.conftest import bot_env, free_port, make_settings
 
 pytestmark = pytest.mark.model
@@ -120,7 +120,7 @@ async def test_server_going_away_gets_an_apology_and_one_log_line(
     for _ in range(2):
         reply = await engine.reply(msg("Are you there?"))
         assert not reply.ok and reply.text == APOLOGY
-    lines = [r.getMessage() for r in caplog.records if r.name == "bot.openai_backend"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "bot.inference.served"]
     assert len([m for m in lines if "unreachable" in m]) == 1, lines
     assert own.base_url.removesuffix("/v1") in lines[0]
     assert not await backend.ready()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.model import LoadedModel
+from bot.inference.loader import LoadedModel
 from tests.conftest import REPO, RedisServer, bot_env, free_port
 
 pytestmark = pytest.mark.model

@@ -12,9 +12,10 @@ import pytest
 from adapters.console import CONVERSATION, ConsoleAdapter
 from bot import personas
 from bot.engine import PERSONA_MAX_CHARS, Engine
-from bot.memory import InProcessMemory, RedisMemory
+from bot.inference.loader import LoadedModel
+from bot.inference.local import LocalBackend
 from bot.messages import ConversationKey, Message
-from bot.model import LoadedModel
+from bot.store.memory import InProcessMemory, RedisMemory
 from tests.conftest import RedisServer, greedy
 from tests.scripted import ScriptedModel
 
@@ -55,7 +56,7 @@ async def test_persona_replaces_the_system_prompt_in_its_channel(
         def generate_batch(self, *args: Any) -> list[str]:
             return model.generate_batch(*args)
 
-    engine = Engine(Spy(), RedisMemory(redis_server.url, 20, 600))
+    engine = Engine(LocalBackend(Spy()), RedisMemory(redis_server.url, 20, 600))
     await engine.set_persona(ConversationKey("test", "ship"), PIRATE)
     await engine.reply(msg("Hello", "ship"))
     await engine.reply(msg("Hello", "ship", thread="t1"))  # a thread of that channel
@@ -74,7 +75,7 @@ async def test_persona_replaces_the_system_prompt_in_its_channel(
 
 async def test_console_persona_commands() -> None:
     model = ScriptedModel("ok")
-    engine = Engine(model, InProcessMemory(20, 600))
+    engine = Engine(LocalBackend(model), InProcessMemory(20, 600))
     out = io.StringIO()
     text = "/persona set Be brief.\n/persona show\nhi\n/persona bogus\n/persona clear\nhi\n"
     await ConsoleAdapter(io.StringIO(text), out, interactive=False).run(engine, asyncio.Event())

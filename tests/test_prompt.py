@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 
-from bot.messages import Turn
-from bot.model import LoadedModel
-from bot.prompt import (
+from bot.inference.loader import LoadedModel
+from bot.inference.prompt import (
     ANCHOR_EVERY,
     BLENDERBOT_TEMPLATE,
     PromptFormat,
@@ -19,6 +18,7 @@ from bot.prompt import (
     build_prompt,
     encode,
 )
+from bot.messages import Turn
 
 CHAT = PromptFormat(is_encoder_decoder=False, system_prompt="You are Testbot.")
 

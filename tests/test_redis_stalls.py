@@ -14,9 +14,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from bot.dedupe import RedisDedupe
-from bot.memory import RedisMemory
 from bot.messages import ConversationKey, Turn
+from bot.store.dedupe import RedisDedupe
+from bot.store.memory import RedisMemory
 from tests.conftest import RedisServer
 
 A = ConversationKey("slack", "C1", "1700000000.000100")

@@ -18,9 +18,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from bot.engine import APOLOGY, Engine
+from bot.inference.local import LocalBackend
 from bot.logs import RedactingFormatter
-from bot.memory import KEY_PREFIX, RedisMemory
 from bot.messages import ConversationKey, Message
+from bot.store.memory import KEY_PREFIX, RedisMemory
 from tests.conftest import RedisServer, make_settings
 from tests.scripted import ScriptedModel, batch_sizes
 
@@ -74,7 +75,7 @@ def test_corpus_is_large_and_varied() -> None:
 async def test_1000_messages_100_conversations_with_redis(redis_server: RedisServer) -> None:
     model = ScriptedModel(lambda text: f"reply to {text}")
     memory = RedisMemory(redis_server.url, max_turns=12, ttl_seconds=600)
-    engine = Engine(model, memory, max_queue=2000)
+    engine = Engine(LocalBackend(model), memory, max_queue=2000)
     before = asyncio.all_tasks()
     sent = {f"c{c:03d}": [f"c{c:03d} message {m}" for m in range(10)] for c in range(100)}
     jobs = [
@@ -110,7 +111,7 @@ async def test_soak_10000_messages_bounded_memory(
 ) -> None:
     caplog.set_level(logging.WARNING)  # the per-reply INFO lines would fill the capture
     model = ScriptedModel(lambda text: "ok " + text[-8:])
-    engine = Engine(model, RedisMemory(redis_server.url, 20, 600), max_queue=500)
+    engine = Engine(LocalBackend(model), RedisMemory(redis_server.url, 20, 600), max_queue=500)
     overheads: list[float] = []
     marks: dict[str, float] = {}
 
@@ -156,7 +157,7 @@ async def test_redis_killed_mid_load_and_restarted(
     caplog.set_level(logging.WARNING)
     model = ScriptedModel("fine", delay=0.001)
     memory = RedisMemory(redis_server.url, 20, 600, timeout=0.3)
-    engine = Engine(model, memory, max_queue=1000)
+    engine = Engine(LocalBackend(model), memory, max_queue=1000)
     replies = []
     for wave in range(3):
         if wave == 1:
@@ -179,10 +180,10 @@ async def test_redis_killed_mid_load_and_restarted(
 async def test_model_raising_on_some_messages_spares_the_others(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from bot.memory import InProcessMemory
+    from bot.store.memory import InProcessMemory
 
     model = ScriptedModel(lambda text: f"answer {text}", fail_on="BOOM")
-    engine = Engine(model, InProcessMemory(20, 600), max_wait=0.05)
+    engine = Engine(LocalBackend(model, max_wait=0.05), InProcessMemory(20, 600))
     texts = [f"BOOM {i}" if i % 7 == 0 else f"fine {i}" for i in range(50)]
     replies = await asyncio.gather(*(engine.reply(msg(t, f"c{i}")) for i, t in enumerate(texts)))
     for text, reply in zip(texts, replies, strict=True):
@@ -322,7 +323,7 @@ async def test_secrets_never_reach_logs_errors_or_replies(
     # redis-server has no password here: AUTH fails, and the error must not carry it.
     memory = RedisMemory(url, 20, 600)
     model = ScriptedModel(lambda t: f"echo {t}")
-    engine = Engine(model, memory)
+    engine = Engine(LocalBackend(model), memory)
     reply = await engine.reply(msg(f"my password is not {password[:4]}", "c"))
     assert reply.ok and password not in reply.text
     formatter = RedactingFormatter("%(message)s", secrets)
@@ -364,10 +365,10 @@ async def test_console_survives_the_hostile_corpus() -> None:
     import io
 
     from adapters.console import ConsoleAdapter
-    from bot.memory import InProcessMemory
+    from bot.store.memory import InProcessMemory
 
     model = ScriptedModel(lambda text: f"echo {text[:100]}")
-    engine = Engine(model, InProcessMemory(20, 600), max_queue=1000)
+    engine = Engine(LocalBackend(model), InProcessMemory(20, 600), max_queue=1000)
     # One message per line, as a pipe gives them: each entry's own line breaks become
     # spaces, so the 112 entries are 112 messages.
     entries = [" ".join(text.splitlines()) for _, text in hostile_inputs()]

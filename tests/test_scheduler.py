@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 
 from bot.engine import APOLOGY, BUSY, Engine
-from bot.generation import Generator
-from bot.memory import InProcessMemory
+from bot.inference.backend import Prompt
+from bot.inference.generation import Generator
+from bot.inference.loader import LoadedModel, load_model
+from bot.inference.local import LocalBackend
+from bot.inference.scheduler import Row, Scheduler
 from bot.messages import ConversationKey, Message, Turn
-from bot.model import LoadedModel, load_model
-from bot.prompt import Prompt
-from bot.scheduler import Row, Scheduler
+from bot.store.memory import InProcessMemory
 from tests.conftest import greedy, make_settings
 
 pytestmark = pytest.mark.model
@@ -35,7 +36,7 @@ def msg(text: str, channel: str) -> Message:
 
 
 def bare(generator: Generator, history: list[Turn], text: str) -> str:
-    """`model.generate` alone on the prompt the engine builds (bot.batching's path)."""
+    """`model.generate` alone on the prompt the engine builds (bot.inference.batching's path)."""
     return generator.generate(generator.prepare(history, text))
 
 
@@ -49,7 +50,7 @@ async def test_rows_joining_and_leaving_match_generate(fp32: LoadedModel) -> Non
     # Small prompt chunks: every prompt is read over several steps, between the
     # other rows' decoding.
     generator = greedy(fp32, max_new_tokens=24, prefill_chunk_tokens=16)
-    engine = Engine(generator, InProcessMemory(20, 600))
+    engine = Engine(LocalBackend(generator), InProcessMemory(20, 600))
     questions = {
         "a": "What is the capital of France?",
         "b": "Write one sentence about the sea and the sky at night.",
@@ -81,7 +82,7 @@ async def test_cache_reused_across_turns_trimmed_and_evicted(fp32: LoadedModel) 
     # Four turns kept: from the third message on, the oldest exchange is trimmed and
     # the prompt's prefix changes after the system prompt.
     memory = InProcessMemory(4, 600)
-    engine = Engine(generator, memory)
+    engine = Engine(LocalBackend(generator), memory)
     scheduler = scheduler_of(engine)
     key = ConversationKey("test", "talk")
     for i, text in enumerate(
@@ -99,7 +100,7 @@ async def test_cache_reused_across_turns_trimmed_and_evicted(fp32: LoadedModel) 
 
     # A budget too small for any conversation: every turn rebuilt, same replies.
     evicting = greedy(fp32, max_new_tokens=16, kv_cache_mb=0)
-    engine = Engine(evicting, InProcessMemory(20, 600))
+    engine = Engine(LocalBackend(evicting), InProcessMemory(20, 600))
     turns: list[Turn] = []
     for text in ["Hello! Who are you?", "What is the sea?"]:
         reply = await engine.reply(msg(text, "talk"))
@@ -110,7 +111,7 @@ async def test_cache_reused_across_turns_trimmed_and_evicted(fp32: LoadedModel) 
 
 
 async def test_reset_forgets_the_cache(fp32: LoadedModel) -> None:
-    engine = Engine(greedy(fp32, max_new_tokens=8), InProcessMemory(20, 600))
+    engine = Engine(LocalBackend(greedy(fp32, max_new_tokens=8)), InProcessMemory(20, 600))
     scheduler = scheduler_of(engine)
     await engine.reply(msg("Hello!", "r"))
     assert len(scheduler.store) == 1
@@ -123,7 +124,9 @@ async def test_reset_forgets_the_cache(fp32: LoadedModel) -> None:
 async def test_reader_going_away_frees_its_place_at_once(fp32: LoadedModel) -> None:
     # One row at a time: had the first row kept its place, the second would wait
     # for all 200 of its tokens.
-    engine = Engine(greedy(fp32, max_new_tokens=200, batch_size=1), InProcessMemory(20, 600))
+    engine = Engine(
+        LocalBackend(greedy(fp32, max_new_tokens=200, batch_size=1)), InProcessMemory(20, 600)
+    )
     scheduler = scheduler_of(engine)
     first = engine.stream(msg("Count from one to one thousand, in words.", "a"))
     chunks = aiter(first)
@@ -137,7 +140,9 @@ async def test_reader_going_away_frees_its_place_at_once(fp32: LoadedModel) -> N
 
 
 async def test_flood_past_max_queue_gets_the_busy_answer(fp32: LoadedModel) -> None:
-    engine = Engine(greedy(fp32, max_new_tokens=8), InProcessMemory(20, 600), max_queue=3)
+    engine = Engine(
+        LocalBackend(greedy(fp32, max_new_tokens=8)), InProcessMemory(20, 600), max_queue=3
+    )
     replies = await asyncio.gather(*(engine.reply(msg("Hi!", f"c{i}")) for i in range(8)))
     busy = [r for r in replies if r.text == BUSY]
     assert len(busy) == 5 and all(not r.ok for r in busy)
@@ -149,7 +154,7 @@ async def test_a_failing_row_fails_alone(fp32: LoadedModel) -> None:
     """A prompt the model cannot read (a token id past its vocabulary) gets the
     apology; the rows stepping with it are answered."""
     generator = greedy(fp32, max_new_tokens=12)
-    engine = Engine(generator, InProcessMemory(20, 600))
+    engine = Engine(LocalBackend(generator), InProcessMemory(20, 600))
     original = generator.prepare
 
     def poisoned(
@@ -172,7 +177,7 @@ async def test_a_failing_row_fails_alone(fp32: LoadedModel) -> None:
 async def test_close_stops_a_long_reply_without_blocking_the_loop(fp32: LoadedModel) -> None:
     """Shutdown stops the running rows (no waiting for 1,000 tokens), off the event
     loop, and a reply cut short is not stored as if it were whole."""
-    engine = Engine(greedy(fp32, max_new_tokens=1000), InProcessMemory(20, 600))
+    engine = Engine(LocalBackend(greedy(fp32, max_new_tokens=1000)), InProcessMemory(20, 600))
     scheduler = scheduler_of(engine)
     stream = engine.stream(msg("Count from one to one thousand, in words.", "long"))
     chunks = aiter(stream)

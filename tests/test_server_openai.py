@@ -14,9 +14,9 @@ import pytest
 from aiohttp import web
 
 from bot.engine import Engine
-from bot.memory import InProcessMemory
+from bot.inference.served import CONTEXT_FULL, ContextTooLong, OpenAIBackend, ServerError
 from bot.messages import ConversationKey, Message, Turn
-from bot.openai_backend import CONTEXT_FULL, ContextTooLong, OpenAIBackend, ServerError
+from bot.store.memory import InProcessMemory
 from tests.conftest import make_settings
 from tests.fake_server import FakeServer
 
@@ -178,7 +178,7 @@ def server_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name.startswith("bot.openai_backend") and text in r.getMessage()
+        if r.name.startswith("bot.inference.served") and text in r.getMessage()
     ]
 
 

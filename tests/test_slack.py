@@ -23,15 +23,17 @@ import pytest
 import redis.asyncio as aioredis
 from slack_sdk.signature import SignatureVerifier
 
-from adapters.slack.client import GREETING, UNFINISHED, SlackAdapter, UserNames
+from adapters.slack.connection import GREETING, UNFINISHED, SlackAdapter, UserNames
 from adapters.slack.translate import CANNOT_POST, HELP_TEXT, NEUTRAL_NAME, REFUSAL, escape
-from bot.dedupe import Dedupe, RedisDedupe
-from bot.engine import APOLOGY, Engine, ModelRunner
-from bot.forgetting import Forgotten, describe
-from bot.memory import InProcessMemory, Memory, RedisMemory, decode_turn, redis_key, user_key
+from bot.engine import APOLOGY, Engine
+from bot.forgetting import describe
+from bot.inference.backend import Prompt
+from bot.inference.loader import LoadedModel
+from bot.inference.local import LocalBackend, ModelRunner
 from bot.messages import ConversationKey, Turn
-from bot.model import LoadedModel
-from bot.prompt import Prompt
+from bot.store.dedupe import Dedupe, RedisDedupe
+from bot.store.forgetting import Forgotten
+from bot.store.memory import InProcessMemory, Memory, RedisMemory, decode_turn, redis_key, user_key
 from tests.conftest import RedisServer, free_port, greedy, make_settings
 from tests.fake_slack import (
     ANN,
@@ -178,7 +180,9 @@ async def slack_bot() -> AsyncIterator[Factory]:
         adapter = SlackAdapter(
             settings, dedupe=dedupe, base_url=base_url, edit_interval=0.2, host="127.0.0.1"
         )
-        engine = Engine(runner or ScriptedModel(), memory or InProcessMemory(20, 3600))
+        engine = Engine(
+            LocalBackend(runner or ScriptedModel()), memory or InProcessMemory(20, 3600)
+        )
         stop = asyncio.Event()
         task = asyncio.create_task(adapter.run(engine, stop))
         await asyncio.wait_for(adapter.ready.wait(), 30)
@@ -911,7 +915,7 @@ async def test_a_mention_reaches_the_model_as_a_display_name(slack_bot: Factory)
 async def test_names_are_looked_up_once_and_failures_retried_later(
     slack_bot: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="adapters.slack.client")
+    caplog.set_level(logging.DEBUG, logger="adapters.slack.connection")
     bot = await slack_bot()
     names = UserNames(bot.adapter.app.client, capacity=2, failed_ttl=0.3)
 

@@ -43,10 +43,9 @@ from typing import Any
 
 import aiohttp
 
-from bot.engine import Backend
+from bot.inference.backend import Backend, Prompt, with_name
 from bot.logs import redact
 from bot.messages import Turn
-from bot.prompt import Prompt, with_name
 from bot.settings import Settings, mask_url
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Key/value caches for the step scheduler (bot/scheduler.py).
+"""Key/value caches for the step scheduler (bot/inference/scheduler.py).
 
 - `SlotPool`: one preallocated key/value buffer per running row ("slot"), per layer.
   Rows of different lengths decode together without padding their prompts: each

@@ -49,8 +49,8 @@ from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
 from bot.messages import ConversationKey, Turn
-from bot.redis_client import REDIS_ERRORS, Outages, connect
 from bot.settings import ConfigError, Settings
+from bot.store.connection import REDIS_ERRORS, Outages, connect
 
 log = logging.getLogger(__name__)
 

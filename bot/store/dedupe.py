@@ -19,8 +19,8 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 
-from bot.redis_client import REDIS_ERRORS, Outages, connect
 from bot.settings import Settings
+from bot.store.connection import REDIS_ERRORS, Outages, connect
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,13 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from bot import metrics
-from bot.detokenize import TextStream
-from bot.kvcache import install
+from bot.inference.backend import Prompt
+from bot.inference.detokenize import TextStream
+from bot.inference.kvcache import install
+from bot.inference.loader import LoadedModel
+from bot.inference.prompt import PromptFormat, build_prompt, renders_names
+from bot.inference.scheduler import Scheduler
 from bot.messages import Turn
-from bot.model import LoadedModel
-from bot.prompt import Prompt, PromptFormat, build_prompt, renders_names
-from bot.scheduler import Scheduler
 from bot.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class Generator:
         # Fast tokenizers are not safe to call from several threads at once.
         self._tokenizer_lock = threading.Lock()
         # Decoder-only models run in the step scheduler; encoder-decoder models
-        # (BlenderBot) in batched `generate` (bot.batching).
+        # (BlenderBot) in batched `generate` (bot.inference.batching).
         # The worker threads decode with their own copy of the tokenizer: encoding
         # (on the prepare thread) switches a setting of the Rust tokenizer, which must
         # not happen while another thread uses the same one.

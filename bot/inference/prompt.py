@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from bot.inference.backend import Prompt, with_name
 from bot.messages import Turn
 
 BLENDERBOT_TEMPLATE = (
@@ -71,12 +72,6 @@ class PromptFormat:
         if self.names_in_template:
             return {"role": role, "content": content, "name": name}
         return {"role": role, "content": with_name(name, content)}
-
-
-def with_name(name: str, content: str) -> str:
-    """A turn's text with its author's name before it, for models (and servers) whose
-    template has no place for a name."""
-    return f"{name}: {content}" if name else content
 
 
 def _render(
@@ -152,19 +147,6 @@ def encode_text(tokenizer: ChatTokenizer, text: str) -> list[int]:
 def _added_ids(tokenizer: ChatTokenizer) -> frozenset[int]:
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
     return frozenset(int(i) for i in decoder)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A prompt fitted to the budget."""
-
-    input_ids: list[int]
-    user_text: str  # the user's message as the model saw it (cut when too long)
-    kept_turns: int  # history turns that fit
-    truncated: bool  # True when the user's message itself had to be cut
-    original_chars: int
-    messages: tuple[dict[str, str], ...] = ()  # for servers that take chat messages
-    conversation: str = ""  # whose model cache the prompt may continue ("": none)
 
 
 def build_prompt(

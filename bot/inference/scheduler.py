@@ -6,7 +6,7 @@ prompts first, within a per-step token budget). So a new message starts within o
 step of arriving, a long prompt is read in pieces between everyone else's tokens,
 a row leaves the moment it ends or its reader goes away, and no row is padded to
 another's length. Each conversation's cache is kept between turns
-(`bot.kvcache.PrefixStore`), so a turn reads only its new tokens.
+(`bot.inference.kvcache.PrefixStore`), so a turn reads only its new tokens.
 
 Greedy decoding gives, token for token, what `model.generate` gives on the same
 prompt in fp32 (tests/test_scheduler.py), whatever rows join or leave meanwhile.
@@ -30,8 +30,15 @@ from transformers import (
 )
 
 from bot import metrics
-from bot.detokenize import TextStream
-from bot.kvcache import ModelShape, Prefix, PrefixStore, RaggedStep, SlotPool, common_prefix
+from bot.inference.detokenize import TextStream
+from bot.inference.kvcache import (
+    ModelShape,
+    Prefix,
+    PrefixStore,
+    RaggedStep,
+    SlotPool,
+    common_prefix,
+)
 
 log = logging.getLogger(__name__)
 

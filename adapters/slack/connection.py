@@ -60,12 +60,12 @@ from adapters.slack.translate import (
 )
 from bot import forgetting, personas
 from bot.attachments import FileRef, ReadFiles, read_files
-from bot.dedupe import Dedupe, InProcessDedupe
 from bot.engine import COMMAND_FAILED, Engine, ReplyStream
 from bot.inflight import InFlight
 from bot.messages import ConversationKey, Message
 from bot.ratelimit import RateLimiter, Verdict, rate_limit_note
 from bot.settings import ConfigError, Settings
+from bot.store.dedupe import Dedupe, InProcessDedupe
 from bot.streaming import EditPacer, GrowingReply, play
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from bot import metrics
-from bot.prompt import Prompt
+from bot.inference.backend import Prompt
 
 log = logging.getLogger(__name__)
 

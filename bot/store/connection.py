@@ -32,7 +32,7 @@ def connect(
     stalled server, and sending it again would apply it twice (a dedupe claim then finds
     itself and reports the event as already answered; an append stores turns twice).
     A broken connection can also come after the server applied a command, so the
-    writes that are not idempotent by nature carry a token (bot.dedupe, bot.memory)."""
+    writes that are not idempotent by nature carry a token (bot.store.dedupe, bot.store.memory)."""
     extra = {"connection_class": connection_class} if connection_class else {}
     return aioredis.from_url(
         url,

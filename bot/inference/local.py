@@ -1,0 +1,139 @@
+"""The local backend: a model run in this process, on one worker thread.
+
+Decoder-only models go through the step scheduler (bot.inference.scheduler), others
+are dynamically batched through `generate` (bot.inference.batching); prompts are
+fitted on a thread of their own (bot.inference.generation.Generator.prepare).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Protocol
+
+from bot.inference.backend import Backend, Prompt
+from bot.inference.batching import Batcher, BatchRunner
+from bot.messages import Turn
+from bot.settings import Settings
+
+if TYPE_CHECKING:  # torch is imported only with a local model
+    from bot.inference.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner(BatchRunner, Protocol):
+    """A local model: blocking methods, run on worker threads
+    (bot.inference.generation.Generator)."""
+
+    def prepare(
+        self,
+        history: list[Turn],
+        user_text: str,
+        system_prompt: str | None = None,
+        speaker: str | None = None,
+    ) -> Prompt: ...
+
+
+class LocalBackend(Backend):
+    """A local model on one worker thread: decoder-only models in the step scheduler
+    (bot.inference.scheduler), others dynamically batched through `generate`
+    (bot.inference.batching)."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        max_batch: int = 16,
+        max_wait: float = 0.01,
+        close_timeout: float = 5.0,
+    ) -> None:
+        self.runner = runner
+        self.scheduler: Scheduler | None = getattr(runner, "scheduler", None)
+        self.close_timeout = close_timeout
+        # Prompt fitting on its own thread, so it never waits behind generation.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        self._generate_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.batcher = Batcher(runner, self._generate_pool, max_batch, max_wait)
+
+    @classmethod
+    def from_settings(cls, runner: ModelRunner, settings: Settings) -> LocalBackend:
+        """A backend with the configured batching."""
+        return cls(runner, settings.batch_size, settings.batch_wait_ms / 1000)
+
+    async def prepare(
+        self,
+        history: list[Turn],
+        user_text: str,
+        system_prompt: str | None = None,
+        speaker: str | None = None,
+    ) -> Prompt:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._prepare_pool, self.runner.prepare, history, user_text, system_prompt, speaker
+        )
+
+    async def stream(self, prompt: Prompt) -> AsyncIterator[str]:
+        """Generate, yielding text as the worker thread decodes it."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | _End] = asyncio.Queue()
+        stop = threading.Event()
+
+        def hand_over(item: str | _End) -> None:
+            # RuntimeError: the loop closed under the worker thread (the bot is exiting).
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        if self.scheduler is not None:
+            from bot.inference.scheduler import Row  # loaded already, with the model
+
+            self.scheduler.submit(
+                Row(
+                    prompt.input_ids,
+                    prompt.conversation,
+                    hand_over,
+                    stop,
+                    lambda _text, error: hand_over(_End(error)),
+                )
+            )
+        else:
+            # The worker's text reaches the loop before the batch's result does, so the
+            # end marker queued on completion comes after the last piece of text.
+            result = asyncio.ensure_future(self.batcher.generate(prompt, hand_over, stop))
+            result.add_done_callback(
+                lambda f: queue.put_nowait(_End(None if f.cancelled() else f.exception() or None))
+            )
+        try:
+            while not isinstance(item := await queue.get(), _End):
+                yield item
+            if item.error is not None:
+                raise item.error
+        finally:
+            # The reader went away (closed, cancelled): stop this row at the next step.
+            stop.set()
+
+    def forget(self, conversation: str) -> None:
+        if self.scheduler is not None:
+            self.scheduler.forget(conversation)
+
+    async def ready(self) -> bool:
+        return self.scheduler is None or self.scheduler.alive
+
+    async def close(self) -> None:
+        """Stop the running rows and the worker, waiting off the loop, bounded."""
+        await self.batcher.close()
+        scheduler = self.scheduler
+        if scheduler and not await asyncio.to_thread(scheduler.close, self.close_timeout):
+            log.warning("The model was still busy %.0f s after stopping", self.close_timeout)
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+        self._generate_pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _End:
+    """The end of a stream of text, with the generation's error if it failed."""
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
