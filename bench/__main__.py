@@ -49,6 +49,7 @@ from bench.workloads import (
 )
 from bot.inference.generation import Generator
 from bot.inference.loader import bundled_gguf, load_model
+from bot.inference.local import LocalBackend
 from bot.settings import Settings
 from bot.store.memory import InProcessMemory, Memory, RedisMemory
 
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     def setup_for(new_tokens: int) -> Setup:
         chosen = settings.model_copy(update={"max_new_tokens": new_tokens})
         return Setup(
-            lambda: Generator.from_settings(loaded, chosen),
+            lambda: LocalBackend.from_settings(Generator.from_settings(loaded, chosen), chosen),
             chosen,
             memory,
             count_tokens,

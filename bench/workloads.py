@@ -31,15 +31,12 @@ from typing import Any
 
 from bench.report import usable_cpus
 from bot.engine import Engine
+from bot.inference.backend import Backend
 from bot.messages import ConversationKey, Message
 from bot.settings import Settings
 from bot.store.memory import Memory
 
 log = logging.getLogger("bench")
-
-# Whatever `Engine.from_settings` takes as its model: a Generator in the bench, the
-# scripted model in tests. Kept as Any so that the bench follows the engine's API.
-Runner = Any
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -95,9 +92,9 @@ class Run:
 class Setup:
     """How to build an engine for a workload, and what to write next to its figures."""
 
-    # A new model runner for each engine: closing an engine may close its runner (the
-    # step scheduler a Generator owns), and no cache should outlive a workload.
-    make_runner: Callable[[], Runner]
+    # A new backend for each engine: closing an engine closes its backend (the step
+    # scheduler a Generator owns), and no cache should outlive a workload.
+    make_backend: Callable[[], Backend]
     settings: Settings
     memory: Callable[[int], Memory]  # a fresh store keeping at most this many turns
     count_tokens: Callable[[str], int]
@@ -106,7 +103,7 @@ class Setup:
 
     def engine(self, max_turns: int | None = None) -> Engine:
         memory = self.memory(max_turns or self.settings.memory_max_turns)
-        return Engine.from_settings(self.make_runner(), memory, self.settings)
+        return Engine.from_settings(self.make_backend(), memory, self.settings)
 
     async def start(self, max_turns: int | None = None) -> Engine:
         """An engine that has answered one short message: one-off costs of a new

@@ -24,6 +24,7 @@ from bench.workloads import (
     open_loop,
     turn_by_turn,
 )
+from bot.inference.local import LocalBackend
 from bot.settings import Settings
 from bot.store.memory import InProcessMemory, Memory
 from tests.scripted import ScriptedModel
@@ -36,7 +37,7 @@ def scripted_setup() -> Setup:
         return InProcessMemory(max_turns, 60)
 
     return Setup(
-        lambda: ScriptedModel("A short scripted reply.", chunk=4),
+        lambda: LocalBackend(ScriptedModel("A short scripted reply.", chunk=4)),
         settings,
         memory,
         lambda text: len(text.split()),
@@ -159,7 +160,7 @@ def test_plans_and_paste() -> None:
 
 async def test_a_failed_reply_stops_a_workload_rather_than_pass_for_a_fast_one() -> None:
     setup = scripted_setup()
-    setup.make_runner = lambda: ScriptedModel(fail_on="boom")
+    setup.make_backend = lambda: LocalBackend(ScriptedModel(fail_on="boom"))
     with pytest.raises(RuntimeError, match="did not answer"):
         await turn_by_turn(setup, ["hello", "boom"], 1, 30)
 

@@ -23,7 +23,10 @@ import pytest
 import redis.asyncio as aioredis
 from slack_sdk.signature import SignatureVerifier
 
-from adapters.slack.connection import GREETING, UNFINISHED, SlackAdapter, UserNames
+from adapters.slack.connection import SlackAdapter
+from adapters.slack.events import GREETING
+from adapters.slack.names import UserNames
+from adapters.slack.replies import UNFINISHED
 from adapters.slack.translate import CANNOT_POST, HELP_TEXT, NEUTRAL_NAME, REFUSAL, escape
 from bot.engine import APOLOGY, Engine
 from bot.forgetting import describe
@@ -915,7 +918,7 @@ async def test_a_mention_reaches_the_model_as_a_display_name(slack_bot: Factory)
 async def test_names_are_looked_up_once_and_failures_retried_later(
     slack_bot: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="adapters.slack.connection")
+    caplog.set_level(logging.DEBUG, logger="adapters.slack.names")
     bot = await slack_bot()
     names = UserNames(bot.adapter.app.client, capacity=2, failed_ttl=0.3)
 

@@ -1,2 +1,4 @@
 """The Slack adapter: `translate` (pure: events to messages, Markdown to mrkdwn,
-splitting) and `client` (the Bolt app, in Socket Mode or over HTTP)."""
+splitting), and the Bolt I/O: `connection` (the app, in Socket Mode or over HTTP),
+`events` (messages in), `replies` (streamed out), `commands` (slash commands),
+`files` (shared files), `names` (display names) and `context` (what they share)."""
