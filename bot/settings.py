@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(default=10.0, ge=0)  # longest wait for a batch to fill
     max_queue: PositiveInt = 256  # messages in the engine at most; past it: "busy"
     torch_threads: PositiveInt | None = None
+    # Sampling (TEMPERATURE > 0): each reply seeded from SEED and its prompt, so the
+    # same message in the same conversation gets the same reply (unset: at random)
+    seed: int | None = None
 
     # Conversation memory
     redis_url: SecretStr | None = None

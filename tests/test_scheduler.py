@@ -235,3 +235,49 @@ def test_a_row_failing_after_the_forward_pass_fails_alone(fp32: LoadedModel) -> 
         assert results[i][0] == generator.generate(prompts[i]), questions[i]
     assert scheduler.running == 0
     assert scheduler.close(10)
+
+
+async def test_shutdown_stores_nothing_for_queued_messages(fp32: LoadedModel) -> None:
+    """Messages still queued when the bot stops get no reply in memory (they were
+    stored as "I don't have an answer to that." once)."""
+    memory = InProcessMemory(20, 600)
+    engine = Engine(
+        LocalBackend(greedy(fp32, max_new_tokens=1000, batch_size=1)), memory, max_queue=10
+    )
+    running = engine.stream(msg("Count from one to one thousand, in words.", "running"))
+    chunks = aiter(running)
+    await anext(chunks)
+    queued = [asyncio.create_task(engine.reply(msg("Name a colour.", f"q{i}"))) for i in range(3)]
+    await asyncio.sleep(0.2)
+    closing = asyncio.create_task(engine.close())
+    _ = [chunk async for chunk in chunks]
+    replies = await asyncio.gather(*queued)
+    await closing
+    assert all(not reply.ok for reply in replies)
+    for channel in ("running", "q0", "q1", "q2"):
+        assert await memory.history(ConversationKey("test", channel)) == [], channel
+
+
+@pytest.mark.parametrize("others", [1, 3, 8])
+async def test_a_reply_does_not_depend_on_who_shares_its_steps(
+    fp32: LoadedModel, others: int
+) -> None:
+    """Greedy, fp32, 64 tokens: one conversation's reply alone and beside 1, 3 and 8
+    others (asked at the same time, so every step is shared) is the same."""
+    question = "Write a short paragraph about the history of bread."
+
+    async def reply_with(count: int) -> str:
+        engine = Engine(
+            LocalBackend(greedy(fp32, max_new_tokens=64, batch_size=16)), InProcessMemory(20, 600)
+        )
+        try:
+            texts = [f"Tell me about animal number {i}." for i in range(count)]
+            replies = await asyncio.gather(
+                engine.reply(msg(question, "mine")),
+                *(engine.reply(msg(text, f"o{i}")) for i, text in enumerate(texts)),
+            )
+            return replies[0].text
+        finally:
+            await engine.close()
+
+    assert await reply_with(others) == await reply_with(0)

@@ -41,6 +41,7 @@ class GenerationOptions:
     temperature: float  # 0 means greedy
     top_p: float
     repetition_penalty: float
+    seed: int | None = None  # sampling in the step scheduler: SEED
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GenerationOptions:
@@ -49,6 +50,7 @@ class GenerationOptions:
             settings.temperature,
             settings.top_p,
             settings.repetition_penalty,
+            settings.seed,
         )
 
     def generate_kwargs(self) -> dict[str, Any]:
@@ -148,7 +150,7 @@ class Generator:
             max_new = min(options.max_new_tokens, window // 2)
             self.prompt_budget = window - max_new
         self.options = GenerationOptions(
-            max_new, options.temperature, options.top_p, options.repetition_penalty
+            max_new, options.temperature, options.top_p, options.repetition_penalty, options.seed
         )
         # Fast tokenizers are not safe to call from several threads at once.
         self._tokenizer_lock = threading.Lock()
@@ -189,6 +191,7 @@ class Generator:
                 max_rows=max_rows,
                 step_tokens=chunk_tokens,
                 cache_bytes=cache_bytes,
+                seed=options.seed,
             )
         except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory errors
             raise ConfigError(

@@ -116,6 +116,12 @@ class SlotPool:
         """Positions [0, end) of `slot` hold keys/values (rows fill slots from 0)."""
         self._clean[slot] = max(self._clean[slot], end)
 
+    def occupy(self, slot: int, trusted: int) -> None:
+        """A new row takes `slot`, whose first `trusted` positions it wrote or loaded.
+        The rest is an earlier row's: possibly NaN or Inf (fp16/bf16), which a mask
+        cannot hide (NaN times a zero weight is NaN), so it is zeroed before it is read."""
+        self._clean[slot] = trusted
+
     def clean(self, slots: int, length: int) -> None:
         """Make positions [0, length) of slots [0, slots) safe to read, zeroing only
         what was never written."""
@@ -139,7 +145,7 @@ class SlotPool:
     def move(self, source: int, target: int, length: int) -> None:
         self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
         self.values[:, target, :, :length] = self.values[:, source, :, :length]
-        self.written(target, length)
+        self.occupy(target, length)
 
 
 class RaggedStep:

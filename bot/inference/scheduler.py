@@ -1,12 +1,15 @@
 """Step-level continuous batching for decoder-only models, on one worker thread.
 
 Every step is one forward pass over the running rows: each decoding row brings its
-last token, and rows still reading their prompt bring a chunk of it (the shortest
-prompts first, within a per-step token budget). So a new message starts within one
-step of arriving, a long prompt is read in pieces between everyone else's tokens,
-a row leaves the moment it ends or its reader goes away, and no row is padded to
-another's length. Each conversation's cache is kept between turns
-(`bot.inference.kvcache.PrefixStore`), so a turn reads only its new tokens.
+last token, and rows still reading their prompt bring a chunk of it, within a
+per-step token budget. Prompts are read shortest first, with aging: each step a
+prompt waits counts as a budget's worth of tokens read, so a long prompt goes ahead
+of every later arrival after at most (its length / the budget) steps, and no stream
+of short messages can starve it. A long prompt is read in pieces between everyone
+else's tokens, a row leaves the moment it ends or its reader goes away (before the
+next arrivals take their places), and no row is padded to another's length. Each
+conversation's cache is kept between turns (`bot.inference.kvcache.PrefixStore`), so
+a turn reads only its new tokens.
 
 Greedy decoding gives, token for token, what `model.generate` gives on the same
 prompt in fp32 (tests/test_scheduler.py), whatever rows join or leave meanwhile.
@@ -14,8 +17,10 @@ prompt in fp32 (tests/test_scheduler.py), whatever rows join or leave meanwhile.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +48,14 @@ from bot.inference.kvcache import (
 log = logging.getLogger(__name__)
 
 
+def row_seed(seed: int, prompt: list[int]) -> int:
+    """A row's seed: SEED and its prompt, not its place among other rows."""
+    digest = hashlib.blake2b(
+        array("q", prompt).tobytes(), digest_size=8, key=seed.to_bytes(8, "little", signed=True)
+    )
+    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
+
+
 class ShutdownError(RuntimeError):
     """A reply cut short because the bot is stopping."""
 
@@ -56,10 +69,12 @@ class Row:
     sink: Callable[[str], None]  # text as it is decoded (called on the worker thread)
     stop: threading.Event
     finish: Callable[[str | None, BaseException | None], None]  # once, at the end
+    generator: torch.Generator | None = None  # sampling: this row's own random stream
     tokens: list[int] = field(default_factory=list)  # prompt + generated so far
     filled: int = 0  # leading tokens whose keys/values are in the slot
     generated: int = 0
     slot: int = -1
+    admitted: int = 0  # the step it joined at (prompt aging)
     text: TextStream | None = None
     ended: bool = False
 
@@ -81,6 +96,7 @@ class Scheduler:
         max_rows: int = 16,
         step_tokens: int = 64,
         cache_bytes: int = 1 << 30,
+        seed: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -101,6 +117,7 @@ class Scheduler:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._greedy = temperature <= 0
+        self.seed = seed  # sampling: each row seeded from it and its prompt (None: at random)
         processors: list[Any] = []
         if repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
@@ -166,20 +183,25 @@ class Scheduler:
                         self._wake.wait()
                     if self._closing and not self._rows and not self._inbox:
                         return
-                    while self._inbox and len(self._rows) + len(arrivals) < self.max_rows:
-                        arrivals.append(self._inbox.popleft())
-                for row in arrivals:
-                    if row.stop.is_set():  # its reader went away while it queued
-                        self._end(row, "", None)
-                    else:
-                        self._admit(row)
-                arrivals = []
+                # Retire first: the places (and the caches) of rows whose readers went
+                # away are free for this step's arrivals, a conversation's next
+                # message among them.
                 self._retire([r for r in self._rows if r.stop.is_set() or self._closing])
                 with self._wake:
                     # After the retirements: a stopped row's cache must not come back.
                     while self._forget:
                         self.store.forget(self._forget.popleft())
                     metrics.KV_CACHE_BYTES.set(self.store.nbytes)
+                    while self._inbox and len(self._rows) + len(arrivals) < self.max_rows:
+                        arrivals.append(self._inbox.popleft())
+                for row in arrivals:
+                    if self._closing:  # queued at shutdown: never written, not a reply
+                        self._end(row, None, ShutdownError("stopped: the bot is shutting down"))
+                    elif row.stop.is_set():  # its reader went away while it queued
+                        self._end(row, "", None)
+                    else:
+                        self._admit(row)
+                arrivals = []
                 if self._rows:
                     self._advance_all()
             except Exception as exc:
@@ -209,10 +231,12 @@ class Scheduler:
 
     def _admit(self, row: Row) -> None:
         row.slot = len(self._rows)
+        row.admitted = self.steps
         row.tokens = list(row.prompt)
         row.text = TextStream(self.tokenizer, row.sink)
         self._rows.append(row)
         cached = self.store.take(row.key) if row.key else None
+        reuse = 0
         if cached is not None:
             # At least the prompt's last token is read again: its logits start the reply.
             reuse = min(common_prefix(cached.ids, row.prompt), len(row.prompt) - 1)
@@ -220,22 +244,31 @@ class Scheduler:
                 self._pool.load(row.slot, cached.kv, reuse)
                 row.filled = reuse
                 self.reused_tokens += reuse
+        # Whatever an earlier row left past this one's cache is not to be trusted.
+        self._pool.occupy(row.slot, reuse)
+        if not self._greedy and row.generator is None:
+            row.generator = torch.Generator(device=self._pool.keys.device)
+            if self.seed is None:
+                row.generator.seed()
+            else:  # the same message in the same context samples the same reply
+                row.generator.manual_seed(row_seed(self.seed, row.prompt))
         self.max_running = max(self.max_running, len(self._rows))
 
     def _plan(self) -> list[tuple[Row, int]]:
         """How many tokens each row reads this step: 1 when decoding, a chunk of its
-        prompt otherwise, shortest remaining prompt first, within `step_tokens` (a
-        quarter of it while some rows are decoding)."""
+        prompt otherwise, within `step_tokens` for the whole step. Prompts go
+        shortest remaining first, less a budget's worth for each step waited, so
+        the wait of any prompt is bounded whatever arrives after it."""
         decoding = [r for r in self._rows if len(r.tokens) - r.filled == 1]
-        budget = self.step_tokens - len(decoding)
-        if decoding:
-            # While others are writing, a step stays short: their next words must
-            # not wait for a whole chunk of someone's long prompt.
-            budget = min(budget, max(16, self.step_tokens // 4))
+        # Prompts always get a share: decoding rows alone never fill a step.
+        budget = max(self.step_tokens - len(decoding), self.step_tokens // 4)
         plan = [(r, 1) for r in decoding]
         reading = sorted(
             (r for r in self._rows if len(r.tokens) - r.filled > 1),
-            key=lambda r: len(r.tokens) - r.filled,
+            key=lambda r: (
+                len(r.tokens) - r.filled - (self.steps - r.admitted) * budget,
+                r.admitted,
+            ),
         )
         for row in reading:
             if budget <= 0:
@@ -289,7 +322,8 @@ class Scheduler:
         if self._greedy:
             return int(scores.argmax(-1).item())
         probabilities = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probabilities, 1).item())
+        # The row's own generator: its reply does not depend on who shares its steps.
+        return int(torch.multinomial(probabilities, 1, generator=row.generator).item())
 
     def _advance(self, row: Row, token: int) -> None:
         assert row.text is not None
