@@ -3,9 +3,11 @@ llama-cpp-python when it is installed), in one run, on the same model and chats.
 
 Workloads: the seed loop (in its default fp32 and in the bot's dtype); the engine in a
 closed loop at 1-32 conversations; open-loop Poisson arrivals at 0.5x, 1x and 3x the
-seed loop's capacity; a 12,000-character paste then short questions; a one-line
-question behind another conversation's long message; first token at turns 1-20;
-one message against a bare `generate`; warm start.
+seed loop's capacity and at 0.5x, 0.75x and 0.9x the bot's own (its closed loop at 16
+conversations); a 12,000-character paste then short questions; a one-line question
+behind another conversation's long message; first token at turns 1-30, 3 s of typing
+between turns; one message against a bare `generate`; llama-cpp-python's one stream
+when it is installed; warm start.
 
 Writes bench/results/latest.json (quick.json with --quick) and a chart when
 matplotlib is installed, and prints every figure with the CPU, dtype and threads and
@@ -58,8 +60,8 @@ RESULTS = HERE / "results"
 log = logging.getLogger("bench")
 
 WORKLOADS = (
-    "seed", "closed", "open-loop", "long-history", "head-of-line", "turns", "llama-cpp",
-    "single", "startup",
+    "seed", "closed", "open-loop", "open-loop-bot", "long-history", "head-of-line", "turns",
+    "llama-cpp", "single", "startup",
 )  # fmt: skip
 
 
@@ -74,7 +76,8 @@ class Plan:
     closed_budget_s: float
     seed_people: int
     seed_budget_s: float
-    open_multiples: tuple[float, ...]
+    open_multiples: tuple[float, ...]  # of the seed loop's capacity
+    open_bot_multiples: tuple[float, ...]  # of the bot's (closed loop, 16 conversations)
     open_max: int
     open_window_s: float
     open_drain_s: float
@@ -86,6 +89,7 @@ class Plan:
     turn_count: int
     turn_reps: int
     turn_budget_s: float
+    typing_s: float  # between a reply's end and the next message, in the turns workload
     single_reps: int
     single_budget_s: float
     startup_reps: int
@@ -93,29 +97,32 @@ class Plan:
 
 
 PLANS = {
-    # ~10 minutes alone on 2 cores (AVX-512).
+    # ~12 minutes alone on 2 cores (AVX-512).
     "full": Plan(
         max_new=64, ttft_new=32, turns_per_chat=2, levels=(1, 4, 16, 32), closed_budget_s=90,
-        seed_people=16, seed_budget_s=75, open_multiples=(0.5, 1, 3), open_max=24,
-        open_window_s=40, open_drain_s=30, paste_chars=12_000, paste_questions=4,
-        paste_budget_s=90, hol_reps=3, hol_budget_s=90, turn_count=20, turn_reps=2,
-        turn_budget_s=100, single_reps=7, single_budget_s=60, startup_reps=3, llama_budget_s=60,
+        seed_people=16, seed_budget_s=75, open_multiples=(0.5, 1, 3),
+        open_bot_multiples=(0.5, 0.75, 0.9), open_max=24, open_window_s=40, open_drain_s=30,
+        paste_chars=12_000, paste_questions=4, paste_budget_s=90, hol_reps=3, hol_budget_s=90,
+        turn_count=30, turn_reps=1, turn_budget_s=200, typing_s=3.0, single_reps=7,
+        single_budget_s=60, startup_reps=3, llama_budget_s=60,
     ),
-    # under ~3 minutes.
+    # ~4 minutes.
     "quick": Plan(
         max_new=24, ttft_new=16, turns_per_chat=2, levels=(1, 4, 16), closed_budget_s=45,
-        seed_people=16, seed_budget_s=12, open_multiples=(0.5, 1, 3), open_max=12,
-        open_window_s=8, open_drain_s=10, paste_chars=12_000, paste_questions=2,
-        paste_budget_s=30, hol_reps=1, hol_budget_s=30, turn_count=20, turn_reps=1,
-        turn_budget_s=25, single_reps=3, single_budget_s=20, startup_reps=1, llama_budget_s=20,
+        seed_people=16, seed_budget_s=12, open_multiples=(0.5, 1, 3),
+        open_bot_multiples=(0.5, 0.75, 0.9), open_max=12, open_window_s=8, open_drain_s=10,
+        paste_chars=12_000, paste_questions=2, paste_budget_s=30, hol_reps=1, hol_budget_s=30,
+        turn_count=10, turn_reps=1, turn_budget_s=60, typing_s=3.0, single_reps=3,
+        single_budget_s=20, startup_reps=1, llama_budget_s=20,
     ),
     # A smoke test of the bench itself (--tiny, not in --help): the figures mean nothing.
     "tiny": Plan(
         max_new=8, ttft_new=8, turns_per_chat=1, levels=(1, 4), closed_budget_s=20,
-        seed_people=4, seed_budget_s=6, open_multiples=(0.5, 3), open_max=4,
-        open_window_s=4, open_drain_s=10, paste_chars=2_000, paste_questions=1,
+        seed_people=4, seed_budget_s=6, open_multiples=(0.5, 3), open_bot_multiples=(0.75,),
+        open_max=4, open_window_s=4, open_drain_s=10, paste_chars=2_000, paste_questions=1,
         paste_budget_s=20, hol_reps=1, hol_budget_s=20, turn_count=5, turn_reps=1,
-        turn_budget_s=20, single_reps=1, single_budget_s=10, startup_reps=0, llama_budget_s=10,
+        turn_budget_s=20, typing_s=0.5, single_reps=1, single_budget_s=10, startup_reps=0,
+        llama_budget_s=10,
     ),
 }  # fmt: skip
 
@@ -134,8 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar="W1,W2",
         help=f"run only these workloads, of: {', '.join(WORKLOADS)} (open-loop runs the "
-        "seed loop too: its rates are multiples of the seed's capacity); writes "
-        "<name>-only.json",
+        "seed loop too: its rates are multiples of the seed's capacity; open-loop-bot a "
+        "closed loop at 16 conversations, for the bot's); writes <name>-only.json",
     )
     parser.add_argument("--seed", type=int, default=7, help="seed of the open-loop arrivals")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
@@ -303,24 +310,47 @@ def main(argv: list[str] | None = None) -> None:
                     )
                 )
         results["runs"] = [r.summary() for r in runs]
-        if "open-loop" in chosen:
-            seed = report.fastest_seed(results)
-            assert seed is not None
-            capacity = seed["messages_per_s"]
-            texts = [c["turns"][0] for c in data["conversations"]]
+        texts = [c["turns"][0] for c in data["conversations"]]
+
+        def open_rates(multiples: tuple[float, ...], capacity: float, whose: str) -> list[Any]:
             rates = []
-            for multiple in plan.open_multiples:
-                log.info("open loop: %gx the seed's %.3f msg/s", multiple, capacity)
+            for multiple in multiples:
+                log.info("open loop: %gx the %s %.3f msg/s", multiple, whose, capacity)
                 measured = asyncio.run(
                     open_loop(setup, texts, multiple * capacity, plan.open_max,
                               plan.open_window_s, plan.open_drain_s, args.seed)
                 )  # fmt: skip
                 rates.append({"multiple": multiple, **measured})
+            return rates
+
+        if "open-loop" in chosen:
+            seed = report.fastest_seed(results)
+            assert seed is not None
+            capacity = seed["messages_per_s"]
             results["open_loop"] = {
                 "seed": args.seed,
                 "seed_capacity_msg_per_s": capacity,
                 "seed_system": f"{seed['system']}, {seed['concurrency']} people",
-                "rates": rates,
+                "rates": open_rates(plan.open_multiples, capacity, "seed's"),
+            }
+        if "open-loop-bot" in chosen:
+            bot = report.capacity_run(results)
+            if bot is None:  # not in this run's closed loop: measured here, for its rate
+                log.info("this bot: 16 concurrent conversations, for its capacity")
+                people = chats[:16]
+                runs.append(
+                    asyncio.run(closed_loop(setup, people, plan.closed_budget_s, "this bot"))
+                )
+                results["runs"] = [r.summary() for r in runs]
+                bot = report.capacity_run(results)
+            assert bot is not None
+            capacity = bot["messages_per_s"]
+            results["open_loop_bot"] = {
+                "seed": args.seed,
+                "capacity_msg_per_s": capacity,
+                "capacity_from": f"closed loop at {bot['concurrency']} conversations: "
+                f"{bot['messages']} messages in {bot['wall_s']} s",
+                "rates": open_rates(plan.open_bot_multiples, capacity, "bot's") if capacity else [],
             }
         if "long-history" in chosen:
             log.info("long history: a %d-character paste, then short questions", len(paste))
@@ -334,9 +364,9 @@ def main(argv: list[str] | None = None) -> None:
             )
         if "turns" in chosen:
             turns = data["long"]["turns"][: plan.turn_count]
-            log.info("first token by turn: %d turns", len(turns))
+            log.info("first token by turn: %d turns, %g s typing", len(turns), plan.typing_s)
             results["turns"] = asyncio.run(
-                turn_by_turn(ttft_setup, turns, plan.turn_reps, plan.turn_budget_s)
+                turn_by_turn(ttft_setup, turns, plan.turn_reps, plan.turn_budget_s, plan.typing_s)
             )
         if "single" in chosen:
             log.info("one message: engine and bare generate, alternately")
@@ -351,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
             redis.stop()
     if "llama-cpp" in chosen:
         log.info("llama-cpp-python, if installed")
-        peer = llama_cpp_run(bundled_gguf(), chats[:16], settings, plan.llama_budget_s)
+        peer = llama_cpp_run(bundled_gguf, chats[:16], settings, plan.llama_budget_s)
         if peer is None:
             results["llama_cpp"] = (
                 "not installed (pip install llama-cpp-python; it compiles for ~7-12 minutes)"

@@ -15,15 +15,25 @@ CHART_HINT = "pip install -e '.[bench]' (or make bench) for the chart"
 # The issue's targets: (key, what, comparison, target, unit).
 TARGETS: list[tuple[str, str, str, float, str]] = [
     ("tokens_per_s_16_vs_seed", "16 concurrent vs seed loop, tokens/s", ">=", 8.0, "x"),
-    ("tokens_per_s_16_vs_llama_cpp", "16 concurrent vs llama-cpp-python", ">=", 1.5, "x"),
+    ("tokens_per_s_16_vs_llama_cpp", "16 concurrent vs llama-cpp one stream", ">=", 1.5, "x"),
+    ("tokens_per_s_1_vs_llama_cpp", "1 conversation vs llama-cpp one stream", ">=", 0.5, "x"),
     ("ttft_turn_20_vs_turn_1", "first token, turn 20 / turn 1", "<=", 1.5, "x"),
+    ("ttft_worst_turn_vs_turn_1", "first token, worst of turns 1-30 / turn 1", "<=", 1.5, "x"),
     ("ttft_after_paste_vs_fresh", "first token after 12,000-char paste / fresh", "<=", 2.0, "x"),
     ("head_of_line_vs_alone", "head of line: first token behind long / alone", "<=", 2.0, "x"),
     ("open_loop_3x_ttft_p95_s", "open loop at 3x seed capacity, p95 first token", "<=", 2.0, "s"),
+    ("open_loop_3x_no_first_token", "open loop at 3x seed: no first token in 10 s", "<=", 0, "msg"),
+    ("open_loop_bot_075x_ttft_p95_s", "open loop at 0.75x bot capacity, p95 1st token", "<=", 2,
+     "s"),
+    ("open_loop_bot_075x_no_first_token", "open loop at 0.75x bot: no first token in 10 s", "<=",
+     0, "msg"),
     ("single_reply_vs_bare_generate", "1 conversation / bare generate", "<=", 1.05, "x"),
     ("loop_lag_p99_ms", "event-loop lag p99 (worst engine workload)", "<=", 10.0, "ms"),
     ("startup_warm_cache_s", "warm start to ready", "<=", 5.0, "s"),
-]
+]  # fmt: skip
+# Open-loop targets: (key prefix, the results' key, the rate's multiple, of whose capacity).
+OPEN_TARGETS = (("open_loop_3x", "open_loop", 3.0, "seed"),
+                ("open_loop_bot_075x", "open_loop_bot", 0.75, "bot"))  # fmt: skip
 
 
 def usable_cpus() -> int | None:
@@ -94,8 +104,26 @@ def fastest_seed(results: dict[str, Any]) -> dict[str, Any] | None:
     return max((r for r in seeds if r["concurrency"] == most), key=lambda r: r["tokens_per_s"])
 
 
+def capacity_run(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The bot's closed loop at 16 conversations: its messages/s are the bot's capacity."""
+    return _run(results.get("runs", []), "this bot", 16)
+
+
 def _div(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
+
+
+def worst_turn(by_turn: list[float]) -> tuple[int, float | None]:
+    """The slowest turn (from 1) and its first token over turn 1's (None: < 2 turns)."""
+    if len(by_turn) < 2:
+        return 0, None
+    worst = max(range(len(by_turn)), key=by_turn.__getitem__)
+    return worst + 1, _div(by_turn[worst], by_turn[0])
+
+
+def rate_at(rates: list[dict[str, Any]], multiple: float) -> dict[str, Any] | None:
+    """The open-loop rate run at `multiple`, else the nearest (the higher on a tie)."""
+    return min(rates, key=lambda r: (abs(r["multiple"] - multiple), -r["multiple"]), default=None)
 
 
 def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -128,10 +156,22 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
             None,
             results.get("llama_cpp", "not run") if bot16 else "not run",
         )
+    bot1 = _run(runs, "this bot", 1)
+    if bot1 and peer:
+        values["tokens_per_s_1_vs_llama_cpp"] = (
+            _div(bot1["tokens_per_s"], peer["tokens_per_s"]),
+            f"{bot1['tokens_per_s']} vs {peer['tokens_per_s']} tok/s ({_tags(bot1)} / "
+            f"{_tags(peer)})",
+        )
+    else:
+        values["tokens_per_s_1_vs_llama_cpp"] = (
+            None,
+            results.get("llama_cpp", "not run") if bot1 else "not run",
+        )
 
     turns = results.get("turns") or {}
     at: dict[str, float] = turns.get("at", {})
-    last = max((int(n) for n in at), default=0)
+    last = 20 if "20" in at else max((int(n) for n in at), default=0)
     if last > 1 and "1" in at:
         note = "" if last == 20 else f" (turn {last}: the run stopped there)"
         values["ttft_turn_20_vs_turn_1"] = (
@@ -140,6 +180,15 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     else:
         values["ttft_turn_20_vs_turn_1"] = (None, "not run")
+    by_turn: list[float] = turns.get("ttft_by_turn_s", [])
+    worst, ratio = worst_turn(by_turn)
+    stopped = " (the run stopped there)" if turns.get("cut_short") else ""
+    values["ttft_worst_turn_vs_turn_1"] = (
+        (ratio, f"turn {worst}: {by_turn[worst - 1]} s / {by_turn[0]} s, of turns "
+                f"1-{len(by_turn)}{stopped}, {turns.get('typing_s', 0)} s typing ({_tags(turns)})")
+        if ratio is not None
+        else (None, "not run")
+    )  # fmt: skip
 
     paste = results.get("long_history") or {}
     after, fresh = paste.get("after_paste_ttft_median_s"), paste.get("fresh_ttft_median_s")
@@ -155,18 +204,26 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
         f"median {behind} s / {alone} s ({_tags(hol)})" if behind else "not run",
     )
 
-    rates = (results.get("open_loop") or {}).get("rates", [])
-    if rates:
-        top = max(rates, key=lambda r: r["multiple"])
-        values["open_loop_3x_ttft_p95_s"] = (
+    refused: dict[str, int] = {}  # a message answered "busy" got no reply at all
+    for prefix, name, multiple, whose in OPEN_TARGETS:
+        top = rate_at((results.get(name) or {}).get("rates", []), multiple)
+        if top is None:
+            values[f"{prefix}_ttft_p95_s"] = values[f"{prefix}_no_first_token"] = (None, "not run")
+            continue
+        where = f"at {top['multiple']}x the {whose}'s capacity = {top['rate_per_s']} msg/s"
+        values[f"{prefix}_ttft_p95_s"] = (
             top["ttft_p95_s"],
-            f"at {top['multiple']}x = {top['rate_per_s']} msg/s, {top['arrivals']} arrivals, "
-            f"{top['unfinished']} cut, {top.get('refused', 0)} refused busy ({_tags(top)})",
+            f"{where}, {top['arrivals']} arrivals, {top['unfinished']} cut, "
+            f"{top.get('refused', 0)} refused busy ({_tags(top)})",
         )
-        refused = top.get("refused", 0)
-    else:
-        values["open_loop_3x_ttft_p95_s"] = (None, "not run")
-        refused = 0
+        values[f"{prefix}_no_first_token"] = (
+            top.get("no_first_token"),
+            f"{where}: of {top['arrivals']}, {top.get('cut_waiting', '?')} cut still waiting, "
+            f"{top.get('refused', 0)} refused busy; slowest first token {top.get('ttft_max_s')} s",
+        )
+        refused[f"{prefix}_ttft_p95_s"] = top.get("refused", 0)
+    rates = (results.get("open_loop") or {}).get("rates", [])
+    bot_rates = (results.get("open_loop_bot") or {}).get("rates", [])
 
     single = results.get("single") or {}
     values["single_reply_vs_bare_generate"] = (
@@ -182,8 +239,9 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
         if r.get("loop_lag_p99_ms") is not None
     ]
     lags += [
-        (r["loop_lag_p99_ms"], f"open loop at {r['multiple']}x")
-        for r in rates
+        (r["loop_lag_p99_ms"], f"open loop at {r['multiple']}x {whose}")
+        for whose, group in (("seed", rates), ("bot", bot_rates))
+        for r in group
         if r.get("loop_lag_p99_ms") is not None
     ]
     for name in ("long_history", "head_of_line", "turns"):
@@ -191,8 +249,8 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
         if lag is not None:
             lags.append((lag, name.replace("_", " ")))
     if lags:
-        worst = max(lags)
-        values["loop_lag_p99_ms"] = (worst[0], f"worst: {worst[1]}")
+        lag_ms, where = max(lags)
+        values["loop_lag_p99_ms"] = (lag_ms, f"worst: {where}")
     else:
         values["loop_lag_p99_ms"] = (None, "not run")
 
@@ -208,8 +266,8 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
     for key, what, op, target, unit in TARGETS:
         value, detail = values[key]
         met = None if value is None else value >= target if op == ">=" else value <= target
-        if key == "open_loop_3x_ttft_p95_s" and refused and met:
-            met = False  # a message answered "busy" got no reply at all
+        if refused.get(key) and met:
+            met = False
         out.append(
             {"key": key, "what": what, "value": value, "unit": unit, "target": f"{op} {target:g}",
              "met": met, "detail": detail}
@@ -278,23 +336,19 @@ def _workload_lines(results: dict[str, Any]) -> list[str]:
 
     open_loop = results.get("open_loop") or {}
     if open_loop.get("rates"):
-        out += [
-            "",
+        out += _open_loop_lines(
             f"Open loop: Poisson arrivals (seed {open_loop.get('seed')}), rates as multiples of "
             f"the seed loop's capacity {open_loop.get('seed_capacity_msg_per_s')} msg/s "
             f"({open_loop.get('seed_system')})",
-            "{:>6}{:>9}{:>6}{:>6}{:>5}{:>5}{:>10}{:>10}{:>8}{:>8}{:>10}{:>11}{:>4}".format(
-                "x", "msg/s", "sent", "done", "cut", "busy", "ttft p50", "ttft p95", "p95 s",
-                "tok/s", "lag99 ms", "dtype", "thr"),
-        ]  # fmt: skip
-        for r in open_loop["rates"]:
-            out.append(
-                f"{r['multiple']:>6}{r['rate_per_s']:>9.3f}{r['arrivals']:>6}{r['finished']:>6}"
-                f"{r['unfinished']:>5}{r.get('refused', 0):>5}"
-                f"{r['ttft_p50_s']:>10.3f}{r['ttft_p95_s']:>10.3f}"
-                f"{r['latency_p95_s']:>8.2f}{r['tokens_per_s']:>8.1f}"
-                f"{_fmt(r.get('loop_lag_p99_ms'), 1):>10}{r['dtype']:>11}{r['threads']:>4}"
-            )
+            open_loop["rates"],
+        )
+    bot = results.get("open_loop_bot") or {}
+    if bot.get("rates"):
+        out += _open_loop_lines(
+            f"Open loop: Poisson arrivals (seed {bot.get('seed')}), rates as multiples of this "
+            f"bot's capacity {bot.get('capacity_msg_per_s')} msg/s ({bot.get('capacity_from')})",
+            bot["rates"],
+        )
 
     paste = results.get("long_history") or {}
     if paste:
@@ -320,7 +374,17 @@ def _workload_lines(results: dict[str, Any]) -> list[str]:
     turns = results.get("turns") or {}
     if turns.get("at"):
         at = ", ".join(f"turn {n}: {t} s" for n, t in turns["at"].items())
-        out += ["", f"First token by turn ({_tags(turns)}, memory as configured): {at}"]
+        by_turn = turns.get("ttft_by_turn_s", [])
+        worst, ratio = worst_turn(by_turn)
+        out += [
+            "",
+            f"First token by turn ({_tags(turns)}, memory as configured, "
+            f"{turns.get('typing_s', 0)} s typing between turns): {at}",
+            f"  worst: turn {worst}, {_fmt(ratio, 2)}x turn 1; every turn (s):",
+        ]
+        for start in range(0, len(by_turn), 10):
+            row = " ".join(f"{t:6.3f}" for t in by_turn[start : start + 10])
+            out.append(f"  {start + 1:>4}-{min(start + 10, len(by_turn)):<4}{row}")
     single = results.get("single") or {}
     if single:
         out.append(
@@ -331,6 +395,25 @@ def _workload_lines(results: dict[str, Any]) -> list[str]:
     if startup:
         out.append(f"Warm start to ready: {startup['warm_start_s']} s")
 
+    return out
+
+
+def _open_loop_lines(title: str, rates: list[dict[str, Any]]) -> list[str]:
+    late = f">{rates[0].get('late_s', 10):g}s"
+    head = ("x", "msg/s", "sent", "done", "cut", "busy", "ttft p50", "ttft p95", "ttft max",
+            late, "p95 s", "tok/s", "lag99 ms", "dtype", "thr")  # fmt: skip
+    out = ["", title]
+    out.append("{:>6}{:>9}{:>6}{:>6}{:>5}{:>5}{:>10}{:>10}{:>9}{:>6}{:>8}{:>8}{:>10}{:>11}{:>4}"
+               .format(*head))  # fmt: skip
+    for r in rates:
+        out.append(
+            f"{r['multiple']:>6}{r['rate_per_s']:>9.3f}{r['arrivals']:>6}{r['finished']:>6}"
+            f"{r['unfinished']:>5}{r.get('refused', 0):>5}"
+            f"{r['ttft_p50_s']:>10.3f}{r['ttft_p95_s']:>10.3f}{_fmt(r.get('ttft_max_s'), 3):>9}"
+            f"{_fmt(r.get('no_first_token')):>6}{r['latency_p95_s']:>8.2f}{r['tokens_per_s']:>8.1f}"
+            f"{_fmt(r.get('loop_lag_p99_ms'), 1):>10}{r['dtype']:>11}{r['threads']:>4}"
+        )
+    out.append(f"  {late}: messages with no first token by then (cut while waiting, or busy)")
     return out
 
 
@@ -373,14 +456,18 @@ def chart(results: dict[str, Any], path: Path) -> str | None:
         axis.set_title(title)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    rates = (results.get("open_loop") or {}).get("rates", [])
-    if rates:
-        xs = [r["multiple"] for r in rates]
-        right.plot(xs, [r["ttft_p50_s"] for r in rates], "o-", label="p50")
-        right.plot(xs, [r["ttft_p95_s"] for r in rates], "o-", label="p95")
-        right.axhline(2.0, color="grey", linestyle=":", label="target p95 at 3x")
+    drawn = False
+    for name, whose in (("open_loop", "seed loop's"), ("open_loop_bot", "bot's")):
+        rates = (results.get(name) or {}).get("rates", [])
+        if rates:
+            xs = [r["multiple"] for r in rates]
+            right.plot(xs, [r["ttft_p50_s"] for r in rates], "o-", label=f"p50, x {whose}")
+            right.plot(xs, [r["ttft_p95_s"] for r in rates], "o-", label=f"p95, x {whose}")
+            drawn = True
+    if drawn:
+        right.axhline(2.0, color="grey", linestyle=":", label="target p95 (3x seed, 0.75x bot)")
         right.legend(fontsize=8)
-    right.set_xlabel("Poisson arrival rate, x the seed loop's capacity")
+    right.set_xlabel("Poisson arrival rate, x capacity (the seed loop's or the bot's)")
     right.set_title("open loop: time to first token (s)")
     right.grid(alpha=0.3)
     machine = results.get("machine", {})

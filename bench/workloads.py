@@ -138,14 +138,20 @@ class Timed:
 
 
 async def timed(
-    engine: Engine, key: ConversationKey, text: str, since: float | None = None
+    engine: Engine,
+    key: ConversationKey,
+    text: str,
+    since: float | None = None,
+    firsts: list[float] | None = None,
 ) -> Timed:
     """One message through `engine.stream`, timed from `since` (default: now).
 
     Where the engine says it cut the message to fit, that note comes first, at once:
-    the first token is then the next chunk, the model's first text."""
+    the first token is then the next chunk, the model's first text. `firsts` (when
+    given) receives the first two chunks' times as they come: a caller that cuts the
+    reply still knows whether it had begun."""
     begin = time.perf_counter() if since is None else since
-    firsts: list[float] = []
+    firsts = [] if firsts is None else firsts
     parts: list[str] = []
     stream = engine.stream(Message(key, "bench", "bench", text))
     async for chunk in stream:
@@ -433,12 +439,15 @@ async def open_loop(
     window_s: float,
     drain_s: float,
     seed: int,
+    late_s: float = 10.0,
 ) -> dict[str, Any]:
     """Messages from new conversations arriving at random (Poisson) at `rate` per
     second, whether or not earlier replies are done. Time to first token counts from
     each message's arrival. Replies still running `drain_s` after the last arrival are
-    stopped; their time to first token counts as the time waited (a lower bound).
-    Messages the engine refuses (busy) are counted apart, not as fast replies."""
+    stopped; one cut before its first token counts with the time it waited (a lower
+    bound). Messages the engine refuses (busy) are counted apart, not as fast replies.
+    `no_first_token`: messages with no first token within `late_s` (cut while still
+    waiting and refused ones included)."""
     engine = await setup.start()
     try:
         schedule = arrival_times(count, rate, window_s, seed)
@@ -446,17 +455,18 @@ async def open_loop(
         latencies: list[float] = []
         tokens = 0
         ends: list[float] = []
-        waited: dict[int, float] = {}
+        running: dict[int, tuple[float, list[float]]] = {}  # arrival, first chunks' times
         refused: list[int] = []
         started = time.perf_counter()
 
         async def arrive(number: int, at: float) -> None:
             nonlocal tokens
             await asyncio.sleep(max(0.0, started + at - time.perf_counter()))
-            since = started + at
-            waited[number] = since
-            result = await timed(engine, new_key("open"), texts[number % len(texts)], since)
-            waited.pop(number)
+            since, firsts = started + at, list[float]()
+            running[number] = (since, firsts)
+            text = texts[number % len(texts)]
+            result = await timed(engine, new_key("open"), text, since, firsts)
+            running.pop(number)
             if not result.ok:  # "busy" (or a failure) comes at once: not a fast reply
                 refused.append(number)
                 return
@@ -470,11 +480,16 @@ async def open_loop(
             tasks = [asyncio.create_task(arrive(n, at)) for n, at in enumerate(schedule)]
             unfinished = await finish(tasks, schedule[-1] + drain_s)
             deadline = time.perf_counter()
-        # Cut replies count with the time they had waited: dropping them would flatter p95.
-        cut = [deadline - since for since in waited.values()]
+        # Cut replies count too (dropping them would flatter p95): with their first
+        # token where it came (these short texts are never cut to fit), else the wait.
+        begun = [firsts[0] for _, firsts in running.values() if firsts]
+        waiting = [deadline - since for since, firsts in running.values() if not firsts]
+        cut = [deadline - since for since, _ in running.values()]
     finally:
         await engine.close()
     span = (max(ends) if ends else deadline) - started - schedule[0]
+    every = ttfts + begun + waiting
+    late = sum(t > late_s for t in ttfts + begun) + len(waiting) + len(refused)
     out.update(
         rate_per_s=round(rate, 4),
         arrivals=len(schedule),
@@ -482,8 +497,12 @@ async def open_loop(
         finished=len(ttfts),
         unfinished=unfinished,
         refused=len(refused),
-        ttft_p50_s=round(percentile(ttfts + cut, 50), 3),
-        ttft_p95_s=round(percentile(ttfts + cut, 95), 3),
+        cut_waiting=len(waiting),
+        ttft_p50_s=round(percentile(every, 50), 3),
+        ttft_p95_s=round(percentile(every, 95), 3),
+        ttft_max_s=round(max(every, default=0.0), 3),
+        late_s=late_s,
+        no_first_token=late,
         latency_p95_s=round(percentile(latencies + cut, 95), 2),
         tokens=tokens,
         tokens_per_s=round(tokens / span, 1) if span > 0 else 0.0,
@@ -574,11 +593,13 @@ async def head_of_line(
 
 
 async def turn_by_turn(
-    setup: Setup, turns: list[str], reps: int, budget_s: float
+    setup: Setup, turns: list[str], reps: int, budget_s: float, typing_s: float = 0.0
 ) -> dict[str, Any]:
     """Time to first token at each turn of one conversation, with the memory as
     configured (MEMORY_MAX_TURNS: from turn 11 on, by default, the oldest exchange
-    goes at every turn); with several repetitions, the fastest at each turn."""
+    goes at every turn) and `typing_s` between a reply's end and the next message (a
+    person typing: the engine is idle meanwhile, as between real turns); with several
+    repetitions, the fastest at each turn."""
     engine = await setup.start()
     try:
         runs: list[list[float]] = []
@@ -590,7 +611,9 @@ async def turn_by_turn(
                     break
                 key = new_key("turns")
                 firsts: list[float] = []
-                for text in turns:
+                for number, text in enumerate(turns):
+                    if number and typing_s:
+                        await asyncio.sleep(typing_s)
                     if time.perf_counter() - started > budget_s:
                         out["cut_short"] = True
                         break
@@ -605,8 +628,9 @@ async def turn_by_turn(
     by_turn = [min(r[n] for r in runs if len(r) > n) for n in range(reached)]
     out.update(
         repetitions=len(runs),
+        typing_s=typing_s,
         ttft_by_turn_s=[round(t, 3) for t in by_turn],
-        at={str(n): round(by_turn[n - 1], 3) for n in (1, 5, 10, 20) if n <= len(by_turn)},
+        at={str(n): round(by_turn[n - 1], 3) for n in (1, 5, 10, 20, 30) if n <= len(by_turn)},
     )
     return out
 
@@ -653,15 +677,16 @@ async def single_vs_bare(
 
 
 def llama_cpp_run(
-    gguf: Path, chats: list[list[str]], settings: Settings, budget_s: float
+    gguf: Callable[[], Path], chats: list[list[str]], settings: Settings, budget_s: float
 ) -> Run | None:
-    """The peer: llama-cpp-python on the same GGUF file, one message after another."""
+    """The peer: llama-cpp-python on the same GGUF file (`gguf()`, looked up only when
+    llama_cpp imports), one message after another: one stream. None: not installed."""
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
     threads = usable_cpus()
-    llm: Any = Llama(model_path=str(gguf), n_ctx=4096, n_threads=threads, verbose=False)
+    llm: Any = Llama(model_path=str(gguf()), n_ctx=4096, n_threads=threads, verbose=False)
     run = Run("llama-cpp-python", 1, dtype="Q4_1 gguf", threads=threads or 0)
     run.planned = sum(len(turns) for turns in chats)
     started = time.perf_counter()

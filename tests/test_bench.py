@@ -7,19 +7,21 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench.__main__ import PLANS, parse_args, paste_message, write
-from bench.report import TARGETS, cpu_info, ratios
+from bench.report import TARGETS, cpu_info, ratios, worst_turn
 from bench.workloads import (
     Run,
     Setup,
     arrival_times,
     closed_loop,
     head_of_line,
+    llama_cpp_run,
     long_history,
     open_loop,
     turn_by_turn,
@@ -30,14 +32,15 @@ from bot.store.memory import InProcessMemory, Memory
 from tests.scripted import ScriptedModel
 
 
-def scripted_setup() -> Setup:
+def scripted_setup(model: Callable[[], ScriptedModel] | None = None) -> Setup:
     settings = Settings(_env_file=None, temperature=0, max_new_tokens=8)  # type: ignore[call-arg]
 
     def memory(max_turns: int) -> Memory:
         return InProcessMemory(max_turns, 60)
 
+    make = model or (lambda: ScriptedModel("A short scripted reply.", chunk=4))
     return Setup(
-        lambda: LocalBackend(ScriptedModel("A short scripted reply.", chunk=4)),
+        lambda: LocalBackend(make()),
         settings,
         memory,
         lambda text: len(text.split()),
@@ -62,6 +65,11 @@ async def test_workloads_and_report_without_matplotlib(
         for m in (0.5, 3)
     ]
     assert all(r["finished"] + r["unfinished"] + r["refused"] == r["arrivals"] for r in rates)
+    assert all(r["no_first_token"] == 0 and r["ttft_max_s"] >= r["ttft_p95_s"] for r in rates)
+    bot_rates = [
+        {"multiple": m, **await open_loop(setup, ["Hi"], m * 40, 4, 0.2, 10, seed=3)}
+        for m in (0.5, 0.75, 0.9)
+    ]
     results: dict[str, Any] = {
         "machine": {**cpu_info(), "torch": "x", "torch_threads": 1, "dtype": "scripted"},
         "runs": [r.summary() for r in runs],
@@ -71,13 +79,20 @@ async def test_workloads_and_report_without_matplotlib(
             "seed_system": "s",
             "rates": rates,
         },
+        "open_loop_bot": {
+            "seed": 3,
+            "capacity_msg_per_s": 40.0,
+            "capacity_from": "c",
+            "rates": bot_rates,
+        },
         "long_history": await long_history(setup, "pasted " * 300, ["What?", "Why?"], 30),
         "head_of_line": await head_of_line(setup, "long " * 500, "Short?", 0.01, 1, 30),
-        "turns": await turn_by_turn(setup, [f"turn {n}" for n in range(20)], 1, 60),
+        "turns": await turn_by_turn(setup, [f"turn {n}" for n in range(30)], 1, 60, typing_s=0),
         "single": {"engine_s": 1.0, "bare_s": 1.0, "dtype": "scripted", "threads": 1},
         "llama_cpp": "not installed",
     }
-    assert sorted(results["turns"]["at"]) == ["1", "10", "20", "5"]
+    assert sorted(results["turns"]["at"]) == ["1", "10", "20", "30", "5"]
+    assert len(results["turns"]["ttft_by_turn_s"]) == 30 and results["turns"]["typing_s"] == 0
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
     printed: list[str] = []
@@ -91,18 +106,25 @@ async def test_workloads_and_report_without_matplotlib(
     measured = (
         "tokens_per_s_16_vs_seed",
         "ttft_turn_20_vs_turn_1",
+        "ttft_worst_turn_vs_turn_1",
         "head_of_line_vs_alone",
         "ttft_after_paste_vs_fresh",
         "open_loop_3x_ttft_p95_s",
+        "open_loop_3x_no_first_token",
+        "open_loop_bot_075x_ttft_p95_s",
+        "open_loop_bot_075x_no_first_token",
         "loop_lag_p99_ms",
     )
     for key in measured:
         assert isinstance(by_key[key]["met"], bool), by_key[key]
-    assert by_key["tokens_per_s_16_vs_llama_cpp"]["met"] is None
+    assert by_key["open_loop_bot_075x_no_first_token"]["value"] == 0
+    for key in ("tokens_per_s_16_vs_llama_cpp", "tokens_per_s_1_vs_llama_cpp"):
+        assert by_key[key]["met"] is None and by_key[key]["detail"] == "not installed"
     assert by_key["startup_warm_cache_s"]["met"] is None  # not run here
     text = "\n".join(printed)
     assert "AVX512-BF16" in text and "capability" in text
     assert "Targets" in text and "not measured" in text
+    assert "the bot's capacity" in text and "worst: turn" in text
     assert "pip install -e '.[bench]'" in text
 
 
@@ -138,6 +160,71 @@ def test_ratios_compare_with_the_faster_seed() -> None:
     assert by_key["head_of_line_vs_alone"]["met"] is None
 
 
+def test_worst_turn_and_the_new_targets_from_known_figures() -> None:
+    def run(system: str, concurrency: int, tps: float) -> dict[str, Any]:
+        return {"system": system, "concurrency": concurrency, "dtype": "f", "threads": 2,
+                "tokens_per_s": tps, "latency_p95_s": 1.0}  # fmt: skip
+
+    def rate(multiple: float, p95: float, late: int) -> dict[str, Any]:
+        return {"multiple": multiple, "ttft_p95_s": p95, "no_first_token": late, "refused": 0,
+                "rate_per_s": multiple, "arrivals": 9, "unfinished": late}  # fmt: skip
+
+    assert worst_turn([0.2, 0.25, 0.5, 0.3]) == (3, 2.5)
+    assert worst_turn([0.4]) == (0, None)
+    results: dict[str, Any] = {
+        "runs": [run("this bot", 1, 10.0), run("this bot", 16, 100.0),
+                 run("llama-cpp-python", 1, 25.0)],
+        "turns": {"ttft_by_turn_s": [0.2, 0.25, 0.5, 0.3], "at": {"1": 0.2}, "typing_s": 3.0},
+        "open_loop": {"rates": [rate(1, 0.5, 0), rate(3, 1.0, 2)]},
+        "open_loop_bot": {"rates": [rate(0.5, 0.3, 0), rate(0.75, 2.5, 0), rate(0.9, 9.0, 4)]},
+    }  # fmt: skip
+    by_key = {r["key"]: r for r in ratios(results)}
+    assert (
+        by_key["ttft_worst_turn_vs_turn_1"]["value"],
+        by_key["ttft_worst_turn_vs_turn_1"]["met"],
+    ) == (2.5, False)
+    assert "turn 3" in by_key["ttft_worst_turn_vs_turn_1"]["detail"]
+    assert by_key["tokens_per_s_1_vs_llama_cpp"]["value"] == 0.4  # 10 / 25: missed
+    assert by_key["tokens_per_s_1_vs_llama_cpp"]["met"] is False
+    assert by_key["tokens_per_s_16_vs_llama_cpp"]["value"] == 4.0
+    assert by_key["tokens_per_s_16_vs_llama_cpp"]["met"] is True
+    assert (
+        by_key["open_loop_3x_ttft_p95_s"]["met"],
+        by_key["open_loop_3x_no_first_token"]["met"],
+    ) == (True, False)
+    assert by_key["open_loop_3x_no_first_token"]["value"] == 2
+    # The 0.75x rate, not the highest: p95 missed, every message had its first token.
+    assert by_key["open_loop_bot_075x_ttft_p95_s"]["value"] == 2.5
+    assert by_key["open_loop_bot_075x_ttft_p95_s"]["met"] is False
+    assert by_key["open_loop_bot_075x_no_first_token"]["met"] is True
+    results["turns"]["ttft_by_turn_s"] = [0.2, 0.3, 0.1]
+    assert {r["key"]: r for r in ratios(results)}["ttft_worst_turn_vs_turn_1"]["met"] is True
+
+
+async def test_open_loop_counts_messages_without_a_first_token() -> None:
+    """A scripted model so slow that while it writes one reply (40 chunks, 0.5 s each)
+    the others wait: cut at the drain, they count as having no first token."""
+
+    def slow() -> ScriptedModel:
+        return ScriptedModel(lambda text: "ok" if text == "Hi!" else "x" * 40, chunk=1, delay=0.5)
+
+    out = await open_loop(scripted_setup(slow), ["Hello"], 1000, 4, 0.2, 1.0, seed=3)
+    assert out["arrivals"] == 4 and out["unfinished"] == 4 and out["finished"] == 0
+    assert out["cut_waiting"] == 3 and out["no_first_token"] == 3  # all but the one begun
+    fast = await open_loop(scripted_setup(), ["Hello"], 1000, 4, 0.2, 10, seed=3, late_s=0.0)
+    assert fast["finished"] == 4 and fast["no_first_token"] == 4  # none within 0 s
+
+
+def test_llama_cpp_is_skipped_when_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` fails
+
+    def gguf() -> Path:
+        raise AssertionError("looked up the GGUF file without llama_cpp")
+
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert llama_cpp_run(gguf, [["Hi"]], settings, 1.0) is None
+
+
 def test_arrivals_are_seeded_and_bounded() -> None:
     slow = arrival_times(50, 1.0, 10.0, seed=5)
     fast = arrival_times(50, 3.0, 10.0, seed=5)
@@ -150,10 +237,14 @@ def test_arrivals_are_seeded_and_bounded() -> None:
 
 def test_plans_and_paste() -> None:
     assert PLANS["full"].paste_chars == PLANS["quick"].paste_chars == 12_000
-    assert PLANS["full"].turn_count == 20 and 3 in PLANS["full"].open_multiples
+    full = PLANS["full"]
+    assert full.turn_count == 30 and full.typing_s == 3.0 and 3 in full.open_multiples
+    assert full.open_bot_multiples == (0.5, 0.75, 0.9)
     data = json.loads((Path(__file__).parent.parent / "bench" / "conversations.json").read_text())
+    assert len(data["long"]["turns"]) >= full.turn_count
     assert len(paste_message(data, 12_000)) == 12_000
     assert parse_args(["--quick", "--only", "turns,head-of-line"]).only == ["turns", "head-of-line"]
+    assert parse_args(["--only", "open-loop-bot"]).only == ["open-loop-bot"]
     with pytest.raises(SystemExit):
         parse_args(["--only", "nonsense"])
 
