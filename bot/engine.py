@@ -22,7 +22,7 @@ from bot.inference.backend import Backend, Prompt
 from bot.messages import ConversationKey, Message, Reply, Turn, clean_name, clean_text
 from bot.settings import Settings
 from bot.store.forgetting import Forgotten, forget_person
-from bot.store.memory import Memory, authors
+from bot.store.memory import Memory, authors, from_first_user_turn
 
 log = logging.getLogger(__name__)
 
@@ -288,9 +288,13 @@ class Engine:
                 return
             # Both turns at once, and only for a reply that was written in full.
             asked = Turn("user", prompt.user_text, message.author_id, name)
-            await self.memory.append(
-                conversation, [asked, Turn("assistant", answer)], present=authors(history)
-            )
+            replied = Turn("assistant", answer)
+            await self.memory.append(conversation, [asked, replied], present=authors(history))
+            # While the person reads and types: the next turn's prompt prepared (its
+            # history as memory now keeps it), so that turn reads only its new text.
+            kept = from_first_user_turn([*history, asked, replied][-self.memory.max_turns :])
+            following = name if self._several_people(message, kept) else None
+            self.backend.warm(str(conversation), kept, persona, following)
             out.reply = Reply("".join(parts) + answer, truncated_input=prompt.truncated)
             latency = time.perf_counter() - started
             log.info(

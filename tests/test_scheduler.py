@@ -281,3 +281,51 @@ async def test_a_reply_does_not_depend_on_who_shares_its_steps(
             await engine.close()
 
     assert await reply_with(others) == await reply_with(0)
+
+
+async def settle(engine: Engine) -> None:
+    """Wait (bounded) until the model has nothing left to do, reading ahead included."""
+    assert isinstance(engine.backend, LocalBackend)
+    for _ in range(1200):
+        if engine.backend.idle:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the scheduler never became idle")
+
+
+async def test_each_turn_reads_only_its_new_tokens(fp32: LoadedModel) -> None:
+    """A memory of 3 exchanges slides from turn 4 on, moving the kept history's start;
+    between turns (while the person types) the next prompt's beginning is read ahead,
+    so every later turn reads only its own message (and the template around it)."""
+    generator = greedy(fp32, max_new_tokens=8)
+    engine = Engine(LocalBackend(generator), InProcessMemory(6, 600))
+    scheduler = scheduler_of(engine)
+    tokenizer = fp32.tokenizer
+    texts = [f"Tell me one fact about the number {n}, please." for n in range(1, 10)]
+    read: list[int] = []
+    for text in texts:
+        before = scheduler.read_tokens
+        reply = await engine.reply(msg(text, "long"))
+        assert reply.ok
+        read.append(scheduler.read_tokens - before)
+        await settle(engine)  # the person is typing
+    assert scheduler.read_ahead_tokens > 0
+    for turn, (text, count) in enumerate(zip(texts, read, strict=True)):
+        if turn == 0:
+            continue  # the system prompt and the first message: all new
+        own = len(tokenizer.encode(text, add_special_tokens=False))
+        assert count <= own + 8, (turn, count, own, read)
+    await engine.close()
+
+
+async def test_reading_ahead_never_brings_back_a_forgotten_conversation(
+    fp32: LoadedModel,
+) -> None:
+    generator = greedy(fp32, max_new_tokens=8)
+    engine = Engine(LocalBackend(generator), InProcessMemory(20, 600))
+    scheduler = scheduler_of(engine)
+    await engine.reply(msg("My secret number is 4417.", "secret"))
+    await engine.reset(ConversationKey("test", "secret"))  # right after the reply
+    await settle(engine)
+    assert scheduler.store.peek(str(ConversationKey("test", "secret"))) is None
+    await engine.close()

@@ -60,6 +60,17 @@ class Backend(ABC):
     def forget(self, conversation: str) -> None:  # noqa: B027 - optional for backends
         """Drop whatever the backend keeps of a conversation (a model cache)."""
 
+    def warm(  # noqa: B027 - optional for backends
+        self,
+        conversation: str,
+        history: list[Turn],
+        system_prompt: str | None = None,
+        speaker: str | None = None,
+    ) -> None:
+        """Between turns: prepare whatever makes the conversation's next turn fast
+        (a model cache of `history`, its next prompt's beginning), in the background,
+        after anyone's live work. Returns at once; a failure changes nothing else."""
+
     @abstractmethod
     async def close(self) -> None:
         """Release threads and connections."""

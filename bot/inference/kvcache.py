@@ -267,6 +267,9 @@ class PrefixStore:
             self.nbytes -= entry.nbytes
         return entry
 
+    def peek(self, key: str) -> Prefix | None:
+        return self._entries.get(key)
+
     def put(self, key: str, entry: Prefix) -> None:
         self.forget(key)
         if entry.nbytes > self.budget:

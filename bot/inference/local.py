@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
 from bot.inference.backend import Backend, Prompt
@@ -58,6 +58,7 @@ class LocalBackend(Backend):
         self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self._generate_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self.batcher = Batcher(runner, self._generate_pool, max_batch, max_wait)
+        self._warming: set[Future[None]] = set()  # next turns being prepared
 
     @classmethod
     def from_settings(cls, runner: ModelRunner, settings: Settings) -> LocalBackend:
@@ -118,6 +119,47 @@ class LocalBackend(Backend):
     def forget(self, conversation: str) -> None:
         if self.scheduler is not None:
             self.scheduler.forget(conversation)
+
+    def warm(
+        self,
+        conversation: str,
+        history: list[Turn],
+        system_prompt: str | None = None,
+        speaker: str | None = None,
+    ) -> None:
+        """Have the scheduler read, at low priority, the beginning that the next turn's
+        prompt will have: the same however the next message reads, so the prompts for
+        two different messages agree on it."""
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+
+        from bot.inference.kvcache import common_prefix  # loaded already, with the model
+
+        forgets = scheduler.forgets  # a forget from now on makes this out of date
+
+        def read_ahead() -> None:
+            one = self.runner.prepare(history, "a", system_prompt, speaker).input_ids
+            other = self.runner.prepare(history, "b", system_prompt, speaker).input_ids
+            scheduler.prefetch(conversation, one[: common_prefix(one, other)], forgets)
+
+        def done(future: Future[None]) -> None:
+            self._warming.discard(future)
+            if not future.cancelled() and future.exception() is not None:
+                log.warning(
+                    "Could not prepare the next turn of a conversation: %r", future.exception()
+                )
+
+        with contextlib.suppress(RuntimeError):  # the pool is shut down: the bot is stopping
+            future = self._prepare_pool.submit(read_ahead)
+            self._warming.add(future)
+            future.add_done_callback(done)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing generating, queued, or being prepared between turns (for tests and
+        the bench)."""
+        return not self._warming and (self.scheduler is None or self.scheduler.idle)
 
     async def ready(self) -> bool:
         return self.scheduler is None or self.scheduler.alive

@@ -56,6 +56,14 @@ def row_seed(seed: int, prompt: list[int]) -> int:
     return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
 
 
+def _ignore_text(_text: str) -> None:
+    """Reading ahead writes no text."""
+
+
+def _ignore_end(_text: str | None, _error: BaseException | None) -> None:
+    """Reading ahead has no reader to tell."""
+
+
 class ShutdownError(RuntimeError):
     """A reply cut short because the bot is stopping."""
 
@@ -75,6 +83,7 @@ class Row:
     generated: int = 0
     slot: int = -1
     admitted: int = 0  # the step it joined at (prompt aging)
+    background: bool = False  # reads its tokens into the cache only, after live work
     text: TextStream | None = None
     ended: bool = False
 
@@ -112,6 +121,8 @@ class Scheduler:
         self._pool = SlotPool(self.shape, max_rows, capacity)
         self._rows: list[Row] = []
         self._inbox: deque[Row] = deque()
+        self._ahead: dict[str, list[int]] = {}  # conversations' next prompts to read ahead
+        self.forgets = 0  # `forget` calls so far
         self._forget: deque[str] = deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -129,6 +140,8 @@ class Scheduler:
         self.steps = 0  # for tests and the bench
         self.max_running = 0
         self.reused_tokens = 0  # prompt tokens read from conversations' caches
+        self.read_tokens = 0  # prompt tokens live rows read with the model
+        self.read_ahead_tokens = 0  # tokens read ahead between turns
 
     # -- from any thread ---------------------------------------------------------
 
@@ -139,15 +152,38 @@ class Scheduler:
             if self._closing:
                 raise RuntimeError("the scheduler is closed")
             self._inbox.append(row)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="generate", daemon=True)
-                self._thread.start()
+            self._ahead.pop(row.key, None)  # its own prompt replaces the read-ahead
+            self._start()
             self._wake.notify()
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="generate", daemon=True)
+            self._thread.start()
 
     def forget(self, key: str) -> None:
         """Drop a conversation's cached prefix (done between steps, on the worker)."""
         with self._wake:
+            self._ahead.pop(key, None)
             self._forget.append(key)
+            self.forgets += 1
+            self._wake.notify()
+
+    def prefetch(self, key: str, ids: list[int], forgets: int) -> None:
+        """Between turns: read `ids` (the beginning of the conversation's next prompt)
+        into its cache, where the cache does not hold them yet. Done only with a free
+        place and no message waiting, with what a step's budget leaves; a message
+        that arrives takes the place (and the part read so far) at once. `forgets`:
+        the count of `forget` calls when `ids` were made: after another one, they may
+        hold what was to be forgotten, and are dropped."""
+        if not key or not 1 < len(ids) < self.capacity:
+            return
+        with self._wake:
+            if self._closing or forgets != self.forgets:
+                return
+            self._ahead.pop(key, None)
+            self._ahead[key] = ids  # the newest last
+            self._start()
             self._wake.notify()
 
     def close(self, timeout: float) -> bool:
@@ -165,7 +201,14 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self._rows)
+        """Rows answering someone (not reading ahead)."""
+        return sum(not row.background for row in self._rows)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running, queued or left to read ahead."""
+        with self._wake:
+            return not (self._rows or self._inbox or self._ahead)
 
     @property
     def alive(self) -> bool:
@@ -179,21 +222,38 @@ class Scheduler:
             arrivals: list[Row] = []
             try:
                 with self._wake:
-                    while not (self._inbox or self._rows or self._forget or self._closing):
+                    while not (
+                        self._inbox or self._rows or self._forget or self._closing or self._ahead
+                    ):
                         self._wake.wait()
                     if self._closing and not self._rows and not self._inbox:
                         return
+                    wanted = {row.key for row in self._inbox}
+                    crowded = len(self._inbox) + len(self._rows) > self.max_rows
                 # Retire first: the places (and the caches) of rows whose readers went
                 # away are free for this step's arrivals, a conversation's next
-                # message among them.
-                self._retire([r for r in self._rows if r.stop.is_set() or self._closing])
+                # message among them. Reading ahead gives way to any message.
+                self._retire(
+                    [
+                        r
+                        for r in self._rows
+                        if r.stop.is_set()
+                        or self._closing
+                        or (r.background and (crowded or r.key in wanted))
+                    ]
+                )
                 with self._wake:
                     # After the retirements: a stopped row's cache must not come back.
+                    forgotten = set(self._forget)
                     while self._forget:
                         self.store.forget(self._forget.popleft())
+                for row in [r for r in self._rows if r.background and r.key in forgotten]:
+                    self._end(row, None, LookupError("forgotten"))  # its cache goes too
+                with self._wake:
                     metrics.KV_CACHE_BYTES.set(self.store.nbytes)
                     while self._inbox and len(self._rows) + len(arrivals) < self.max_rows:
                         arrivals.append(self._inbox.popleft())
+                    ahead = self._next_ahead(len(arrivals))
                 for row in arrivals:
                     if self._closing:  # queued at shutdown: never written, not a reply
                         self._end(row, None, ShutdownError("stopped: the bot is shutting down"))
@@ -202,6 +262,8 @@ class Scheduler:
                     else:
                         self._admit(row)
                 arrivals = []
+                if ahead is not None:
+                    self._admit(ahead)
                 if self._rows:
                     self._advance_all()
             except Exception as exc:
@@ -229,6 +291,25 @@ class Scheduler:
                 except Exception as error:
                     self._end(row, None, error)
 
+    def _next_ahead(self, arriving: int) -> Row | None:
+        """A conversation's next prompt to read ahead, when nothing live waits and a
+        place is free (one at a time); with the lock held."""
+        if self._inbox or arriving or len(self._rows) >= self.max_rows:
+            return None
+        if any(row.background for row in self._rows):
+            return None
+        running = {row.key for row in self._rows}
+        while self._ahead:
+            key = next(iter(self._ahead))
+            ids = self._ahead.pop(key)
+            if key in running:  # a new message of it is being answered: out of date
+                continue
+            cached = self.store.peek(key)
+            if cached is not None and common_prefix(cached.ids, ids) >= len(ids) - 1:
+                continue  # its cache already holds it
+            return Row(ids, key, _ignore_text, threading.Event(), _ignore_end, background=True)
+        return None
+
     def _admit(self, row: Row) -> None:
         row.slot = len(self._rows)
         row.admitted = self.steps
@@ -246,7 +327,11 @@ class Scheduler:
                 self.reused_tokens += reuse
         # Whatever an earlier row left past this one's cache is not to be trusted.
         self._pool.occupy(row.slot, reuse)
-        if not self._greedy and row.generator is None:
+        if row.background:
+            self.read_ahead_tokens += len(row.prompt) - reuse
+        else:
+            self.read_tokens += len(row.prompt) - reuse
+        if not self._greedy and row.generator is None and not row.background:
             row.generator = torch.Generator(device=self._pool.keys.device)
             if self.seed is None:
                 row.generator.seed()
@@ -259,12 +344,13 @@ class Scheduler:
         prompt otherwise, within `step_tokens` for the whole step. Prompts go
         shortest remaining first, less a budget's worth for each step waited, so
         the wait of any prompt is bounded whatever arrives after it."""
-        decoding = [r for r in self._rows if len(r.tokens) - r.filled == 1]
+        live = [r for r in self._rows if not r.background]
+        decoding = [r for r in live if len(r.tokens) - r.filled == 1]
         # Prompts always get a share: decoding rows alone never fill a step.
         budget = max(self.step_tokens - len(decoding), self.step_tokens // 4)
         plan = [(r, 1) for r in decoding]
         reading = sorted(
-            (r for r in self._rows if len(r.tokens) - r.filled > 1),
+            (r for r in live if len(r.tokens) - r.filled > 1),
             key=lambda r: (
                 len(r.tokens) - r.filled - (self.steps - r.admitted) * budget,
                 r.admitted,
@@ -276,6 +362,13 @@ class Scheduler:
             count = min(len(row.tokens) - row.filled, budget)
             plan.append((row, count))
             budget -= count
+        for row in self._rows:
+            if row.background and budget > 0:
+                # Reading ahead takes what is left, and little of it while others write.
+                share = min(budget, self.step_tokens // 4) if live else budget
+                count = min(len(row.tokens) - row.filled, share)
+                plan.append((row, count))
+                budget -= count
         return sorted(plan, key=lambda item: item[0].slot)
 
     def _step(self, plan: list[tuple[Row, int]]) -> None:
@@ -286,7 +379,7 @@ class Scheduler:
             ids += row.tokens[row.filled : row.filled + count]
             spans.append((row.slot, row.filled, count))
             last += count
-            if row.filled + count == len(row.tokens):
+            if row.filled + count == len(row.tokens) and not row.background:
                 sampling.append((row, last - 1))
         step = RaggedStep(self._pool, spans)
         device = self._pool.keys.device
@@ -308,6 +401,9 @@ class Scheduler:
         for row, count in plan:
             self._pool.written(row.slot, row.filled + count)
             row.filled += count
+        for row, _ in plan:
+            if row.background and row.filled == len(row.tokens):
+                self._end(row, "", None)  # read: its cache is kept for the next turn
         for (row, _), scores in zip(sampling, logits, strict=True):
             try:
                 self._advance(row, self._choose(row, scores))

@@ -260,6 +260,11 @@ class Memory(Protocol):
         """Whether the store answers (for readiness checks)."""
         ...
 
+    @property
+    def max_turns(self) -> int:
+        """The most turns a conversation keeps (whole exchanges)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -272,6 +277,10 @@ class InProcessMemory:
         self._store: dict[ConversationKey, tuple[float, deque[Turn]]] = {}
         self._personas: dict[str, str] = {}
         self._last_sweep = time.monotonic()
+
+    @property
+    def max_turns(self) -> int:
+        return self._max_turns
 
     def _sweep(self, now: float) -> None:
         # Expire idle conversations at most once a minute, so the dict stays bounded.
@@ -361,6 +370,10 @@ class RedisMemory:
         self._ttl = ttl_seconds
         self._redis = connect(url, timeout, connection_class)
         self._outages = Outages(url, "replying without memory")
+
+    @property
+    def max_turns(self) -> int:
+        return self._max_turns
 
     async def check(self) -> None:
         """Ping Redis once; raise ConfigError (exit code 2) naming the masked URL if not."""
