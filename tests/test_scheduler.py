@@ -329,3 +329,20 @@ async def test_reading_ahead_never_brings_back_a_forgotten_conversation(
     await settle(engine)
     assert scheduler.store.peek(str(ConversationKey("test", "secret"))) is None
     await engine.close()
+
+
+async def test_a_new_conversation_reads_the_system_prompt_from_the_shared_cache(
+    fp32: LoadedModel,
+) -> None:
+    system = "You are a careful assistant. Answer in one short sentence, politely and exactly."
+    generator = greedy(fp32, max_new_tokens=12, system_prompt=system)
+    engine = Engine(LocalBackend(generator), InProcessMemory(20, 600))
+    scheduler = scheduler_of(engine)
+    await engine.reply(msg("What is the capital of Italy?", "one"))
+    prompt = generator.prepare([], "What is the capital of France?")
+    assert prompt.shared > len(fp32.tokenizer.encode(system)) // 2
+    before = scheduler.read_tokens
+    reply = await engine.reply(msg("What is the capital of France?", "two"))
+    assert scheduler.read_tokens - before == len(prompt.input_ids) - prompt.shared
+    assert reply.text == bare(generator, [], "What is the capital of France?").strip()
+    await engine.close()

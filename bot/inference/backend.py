@@ -26,6 +26,9 @@ class Prompt:
     original_chars: int
     messages: tuple[dict[str, str], ...] = ()  # for servers that take chat messages
     conversation: str = ""  # whose model cache the prompt may continue ("": none)
+    # Leading tokens that are the system prompt's (and the template's before the first
+    # message): the same for every conversation with this system prompt or persona.
+    shared: int = 0
 
 
 def with_name(name: str, content: str) -> str:

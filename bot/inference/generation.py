@@ -21,9 +21,9 @@ from transformers.generation.streamers import BaseStreamer
 from bot import metrics
 from bot.inference.backend import Prompt
 from bot.inference.detokenize import TextStream
-from bot.inference.kvcache import install
+from bot.inference.kvcache import common_prefix, install
 from bot.inference.loader import LoadedModel
-from bot.inference.prompt import PromptFormat, build_prompt, renders_names
+from bot.inference.prompt import PromptFormat, build_prompt, encode, renders_names
 from bot.inference.scheduler import Scheduler
 from bot.messages import Turn
 from bot.settings import ConfigError, Settings
@@ -154,6 +154,7 @@ class Generator:
         )
         # Fast tokenizers are not safe to call from several threads at once.
         self._tokenizer_lock = threading.Lock()
+        self._openings: dict[str, list[int]] = {}  # by system prompt
         # Decoder-only models run in the step scheduler; encoder-decoder models
         # (BlenderBot) in batched `generate` (bot.inference.batching).
         # The worker threads decode with their own copy of the tokenizer: encoding
@@ -223,7 +224,7 @@ class Generator:
         if system_prompt is not None:
             fmt = dataclasses.replace(fmt, system_prompt=system_prompt)
         with self._tokenizer_lock:
-            return build_prompt(
+            prompt = build_prompt(
                 self.loaded.tokenizer,
                 fmt,
                 history,
@@ -233,6 +234,23 @@ class Generator:
                 sliding=len(history) + 2 > self.memory_turns,
                 speaker=speaker,
             )
+            opening = self._opening(fmt)
+        shared = len(opening) if prompt.input_ids[: len(opening)] == opening else 0
+        return dataclasses.replace(prompt, shared=shared)
+
+    def _opening(self, fmt: PromptFormat) -> list[int]:
+        """The tokens every prompt with this system prompt starts with (the tokenizer
+        lock held): what prompts for two different first messages agree on."""
+        opening = self._openings.get(fmt.system_prompt)
+        if opening is None:
+            tokenizer = self.loaded.tokenizer
+            one = encode(tokenizer, fmt, fmt.messages([], "a"))
+            other = encode(tokenizer, fmt, fmt.messages([], "b"))
+            opening = one[: common_prefix(one, other)]
+            if len(self._openings) >= 64:  # personas: bounded
+                self._openings.pop(next(iter(self._openings)))
+            self._openings[fmt.system_prompt] = opening
+        return opening
 
     def generate(
         self,

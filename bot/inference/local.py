@@ -98,6 +98,7 @@ class LocalBackend(Backend):
                     hand_over,
                     stop,
                     lambda _text, error: hand_over(_End(error)),
+                    shared=prompt.shared,
                 )
             )
         else:

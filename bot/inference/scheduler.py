@@ -21,7 +21,7 @@ import hashlib
 import logging
 import threading
 from array import array
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +56,11 @@ def row_seed(seed: int, prompt: list[int]) -> int:
     return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
 
 
+# Shared openings kept (one per system prompt or persona in use), and their longest.
+SHARED_KEPT = 16
+SHARED_MAX_TOKENS = 1024
+
+
 def _ignore_text(_text: str) -> None:
     """Reading ahead writes no text."""
 
@@ -84,6 +89,8 @@ class Row:
     slot: int = -1
     admitted: int = 0  # the step it joined at (prompt aging)
     background: bool = False  # reads its tokens into the cache only, after live work
+    shared: int = 0  # leading tokens that other conversations' prompts share (the system's)
+    share: bool = False  # to keep its shared tokens' cache for others when it ends
     text: TextStream | None = None
     ended: bool = False
 
@@ -122,6 +129,8 @@ class Scheduler:
         self._rows: list[Row] = []
         self._inbox: deque[Row] = deque()
         self._ahead: dict[str, list[int]] = {}  # conversations' next prompts to read ahead
+        # System prompts' (and personas') caches, for every conversation's first turn.
+        self._shared: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self.forgets = 0  # `forget` calls so far
         self._forget: deque[str] = deque()
         self._wake = threading.Condition()
@@ -323,8 +332,18 @@ class Scheduler:
             reuse = min(common_prefix(cached.ids, row.prompt), len(row.prompt) - 1)
             if reuse > 0:
                 self._pool.load(row.slot, cached.kv, reuse)
-                row.filled = reuse
-                self.reused_tokens += reuse
+        sharing = self.store.budget > 0  # KV_CACHE_MB=0: no cache kept at all
+        if sharing and 0 < row.shared < len(row.prompt) and reuse < row.shared <= SHARED_MAX_TOKENS:
+            opening = tuple(row.prompt[: row.shared])
+            kv = self._shared.get(opening)
+            if kv is None:
+                row.share = True  # read here: kept for the others when this row ends
+            else:
+                self._shared.move_to_end(opening)
+                reuse = row.shared
+                self._pool.load(row.slot, kv, reuse)
+        row.filled = reuse
+        self.reused_tokens += reuse
         # Whatever an earlier row left past this one's cache is not to be trusted.
         self._pool.occupy(row.slot, reuse)
         if row.background:
@@ -459,6 +478,10 @@ class Scheduler:
 
     def _release(self, row: Row, keep: bool) -> None:
         """Keep the row's cache for its conversation's next turn and free its slot."""
+        if keep and row.share and row.filled >= row.shared:
+            self._shared[tuple(row.tokens[: row.shared])] = self._pool.save(row.slot, row.shared)
+            while len(self._shared) > SHARED_KEPT:
+                self._shared.popitem(last=False)
         if keep and row.key and row.filled > 0 and self.store.budget > 0:
             kv = self._pool.save(row.slot, row.filled)
             self.store.put(row.key, Prefix(row.tokens[: row.filled], kv))
