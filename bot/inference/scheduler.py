@@ -423,22 +423,43 @@ class Scheduler:
         for row, _ in plan:
             if row.background and row.filled == len(row.tokens):
                 self._end(row, "", None)  # read: its cache is kept for the next turn
-        for (row, _), scores in zip(sampling, logits, strict=True):
+        rows = [row for row, _ in sampling]
+        try:
+            chosen = self._choose_all(rows, logits)
+        except Exception:  # one row's sampling: find it by sampling each alone
+            chosen = [None] * len(rows)
+        for row, scores, token in zip(rows, logits, chosen, strict=True):
             try:
-                self._advance(row, self._choose(row, scores))
+                self._advance(row, self._choose(row, scores) if token is None else token)
             except Exception as exc:  # this row's sampling or text, not the others'
                 self._end(row, None, exc)
 
-    def _choose(self, row: Row, scores: torch.Tensor) -> int:
-        scores = scores.unsqueeze(0)
+    def _choose_all(self, rows: list[Row], logits: torch.Tensor) -> list[int | None]:
+        """The next token of each sampling row, their logits processed together (each
+        row's own numbers, the same as alone: the processors work row by row)."""
+        scores = logits
         if self._processors:
-            context: Any = torch.tensor([row.tokens], device=scores.device)
+            # Shorter rows padded with their own first token: the same set of tokens.
+            width = max(len(row.tokens) for row in rows)
+            context: Any = torch.tensor(
+                [row.tokens + [row.tokens[0]] * (width - len(row.tokens)) for row in rows],
+                device=scores.device,
+            )
             scores = self._processors(context, scores)
         if self._greedy:
-            return int(scores.argmax(-1).item())
+            return list(scores.argmax(-1).tolist())
         probabilities = torch.softmax(scores, dim=-1)
-        # The row's own generator: its reply does not depend on who shares its steps.
-        return int(torch.multinomial(probabilities, 1, generator=row.generator).item())
+        # Each row's own generator: its reply does not depend on who shares its steps.
+        return [
+            int(torch.multinomial(p, 1, generator=row.generator).item())
+            for row, p in zip(rows, probabilities, strict=True)
+        ]
+
+    def _choose(self, row: Row, scores: torch.Tensor) -> int:
+        """One row's next token, alone."""
+        token = self._choose_all([row], scores.unsqueeze(0))[0]
+        assert token is not None
+        return token
 
     def _advance(self, row: Row, token: int) -> None:
         assert row.text is not None
