@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 from typing import TYPE_CHECKING
@@ -25,6 +26,13 @@ NOTHING_CONFIGURED = (
 )
 
 
+def _collect_and_freeze() -> None:
+    """Once the bot is ready: one collection, the survivors frozen, the collector on."""
+    gc.collect()
+    gc.freeze()  # left out of later collections, and of the ones at exit
+    gc.enable()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bot", description=__doc__)
     commands = parser.add_subparsers(
@@ -40,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     # Known once the settings are read: what is printed outside the log scrubber is
     # scrubbed here (a ConfigError may quote a URL).
     secrets: list[str] = []
+    collector_off = False
     try:
         settings = load_settings()
         secrets = settings.secret_values()
@@ -62,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         if terminal is not None:
             # Importing torch and transformers takes seconds: say something meanwhile.
             log.info("Starting", extra=status("Starting…"))
+        # A start makes ~1.5 M objects that live as long as the process (torch,
+        # transformers, the model): the cyclic garbage collector would go through them
+        # again and again while they arrive (~0.5-1 s of a warm start). It is off until
+        # the bot is ready (unless whoever runs us turned it off: theirs to turn on).
+        collector_off = gc.isenabled()
+        gc.disable()
         # Imported only now: torch and transformers take seconds, and a bad setting
         # should be reported at once.
         from bot.app import serve
@@ -78,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             if not adapters:
                 print(NOTHING_CONFIGURED, file=sys.stderr)  # noqa: T201 - user-facing
                 return 2
-        asyncio.run(serve(settings, adapters))
+        ready = _collect_and_freeze if collector_off else None
+        asyncio.run(serve(settings, adapters, on_ready=ready))
     except ConfigError as error:
         message = redact(error.message, secrets)
         print(message, file=sys.stderr)  # noqa: T201 - user-facing, no traceback
@@ -93,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         # exception may quote a URL or a header with a secret in it.
         log.exception("The bot stopped on an unexpected error")
         return 1
+    finally:
+        if collector_off:
+            gc.enable()  # as it was, when the start failed (a no-op once ready)
     return 0
 
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from bot.engine import Engine
@@ -55,9 +55,17 @@ async def build_engine(settings: Settings) -> Engine:
     return Engine.from_settings(local, memory, settings)
 
 
-async def serve(settings: Settings, adapters: Sequence[Adapter]) -> None:
-    """Build the engine and run the adapters; SIGTERM or SIGINT stops them all."""
+async def serve(
+    settings: Settings,
+    adapters: Sequence[Adapter],
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Build the engine and run the adapters; SIGTERM or SIGINT stops them all.
+
+    `on_ready` is called once the engine is built, before the adapters start."""
     engine = await build_engine(settings)
+    if on_ready is not None:
+        on_ready()
     ops = None
     if settings.metrics_port:
         from bot.metrics import serve_ops

@@ -306,7 +306,8 @@ def load_model(settings: Settings) -> LoadedModel:
         try:
             with progress.step("reading the tokenizer", "tokenizer") if progress else nullcontext():
                 config = AutoConfig.from_pretrained(source)
-                tokenizer = AutoTokenizer.from_pretrained(source)
+                # Given the config, AutoTokenizer does not read it again to pick its class.
+                tokenizer = AutoTokenizer.from_pretrained(source, config=config)
             is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
             auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
             with progress.step("reading the weights", "weights") if progress else nullcontext():
