@@ -42,7 +42,7 @@ lint: $(STAMP)
 test: $(STAMP) redis-server lint
 	$(BIN)/python -m pytest -q
 
-# The benchmark (README: "Performance"): alone on the machine, ~10 minutes; QUICK=1: ~3.
+# The benchmark (README: "Performance"): alone on the machine, ~12 minutes; QUICK=1: ~4.
 bench: $(STAMP) redis-server
 	$(PIP) -e '.[bench]'
 	$(BIN)/python -m bench $(if $(QUICK),--quick)

@@ -82,7 +82,9 @@ class Settings(BaseSettings):
         description="Prompt + reply tokens; default 2,048 on a CPU, else the model's window",
     )
     batch_size: PositiveInt = 16  # conversations generated together at most
-    prefill_chunk_tokens: int = Field(default=64, ge=16, le=1024)  # prompt tokens per step
+    prefill_chunk_tokens: int = Field(
+        default=64, ge=16, le=1024
+    )  # tokens per step, decoding included
     kv_cache_mb: int = Field(default=1024, ge=0)  # conversations' model caches kept between turns
     batch_wait_ms: float = Field(default=10.0, ge=0)  # longest wait for a batch to fill
     max_queue: PositiveInt = 256  # messages in the engine at most; past it: "busy"

@@ -1,7 +1,8 @@
 """A scripted model for tests about an adapter alone (not about the model).
 
-It implements the engine's ModelRunner interface, so the real engine and memory run
-around it; only the text is scripted, streamed in chunks like the real model's.
+It implements bot.inference.local.ModelRunner (wrapped in a LocalBackend), so the real
+engine and memory run around it; only the text is scripted, streamed in chunks like the
+real model's.
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ async def test_the_model_cache_of_a_conversation_goes_too(bundled: LoadedModel) 
     assert scheduler is not None
     engine = Engine(LocalBackend(generator), InProcessMemory(20, 600))
     await engine.reply(said(GENERAL, "1", "my secret is 4417"))
-    assert len(scheduler.store) == 1
+    assert scheduler.store.peek(str(GENERAL)) is not None
     await engine.forget_user("discord", "1")
     # Forgetting is done on the worker between steps: after another reply's, surely.
     await engine.reply(said(OTHER, "2", "hello"))
@@ -213,4 +213,26 @@ async def test_a_message_stored_while_forgetting_is_found_next_time(
     assert await memory.conversations_of("discord", "1") == [meanwhile]
     assert await engine.forget_user("discord", "1") == Forgotten(1, 1)
     assert await memory.history(meanwhile) == []
+    await engine.close()
+
+
+async def test_forget_drops_the_model_cache_even_when_memory_had_nothing_left(
+    redis_server: RedisServer,
+) -> None:
+    """Alice's turns were trimmed from memory by later ones, but a model cache of the
+    conversation may still hold them: it is dropped all the same."""
+    dropped: list[str] = []
+
+    class Watched(LocalBackend):
+        def forget(self, conversation: str) -> None:
+            dropped.append(conversation)
+            super().forget(conversation)
+
+    memory = RedisMemory(redis_server.url, 2, 600)  # one exchange kept
+    engine = Engine(Watched(ScriptedModel()), memory)
+    await engine.reply(said(GENERAL, "1", "alice's secret"))
+    await engine.reply(said(GENERAL, "2", "bob pushes it out"))
+    forgotten = await engine.forget_user("discord", "1")
+    assert forgotten.turns == 0
+    assert dropped == [str(GENERAL)]
     await engine.close()

@@ -241,3 +241,36 @@ def test_a_sampled_row_does_not_depend_on_its_neighbours(tiny: Gated, seed: int 
     assert len(alone) == 24
     for others in (1, 3, 8):
         assert sampled(tiny, others, seed) == alone, others
+
+
+def test_a_cache_that_cannot_be_kept_still_ends_its_row(tiny: Gated) -> None:
+    """Copying a finished row's cache fails (out of memory, say): the reader still
+    gets its reply, the place is freed, and the next row runs."""
+    scheduler = make(tiny, max_new_tokens=4, max_rows=1)
+
+    def refuse(_key: str, _entry: Any) -> None:
+        raise MemoryError("no room for the copy")
+
+    scheduler.store.put = refuse  # type: ignore[method-assign,assignment]
+    try:
+        _, first = submit(scheduler, prompt(20), key="a")
+        wait(first, 10)
+        assert first.error is None and first.text and len(first.tokens()) == 4
+        _, second = submit(scheduler, prompt(20, start=50), key="b")
+        wait(second, 10)
+        assert second.error is None and scheduler.running == 0
+    finally:
+        scheduler.close(10)
+
+
+def test_close_drops_what_was_left_to_read_ahead(tiny: Gated) -> None:
+    scheduler = make(tiny, max_new_tokens=100_000, max_rows=4)
+    _, running = submit(scheduler, prompt(10))
+    while running.first_step is None:
+        time.sleep(0.01)
+    for n in range(30):
+        scheduler.prefetch(f"c{n}", prompt(500, start=n), scheduler.forgets)
+    assert scheduler.close(10)
+    wait(running, 5)
+    # At most what one step could read before the close was seen: not 30 prompts.
+    assert scheduler.read_ahead_tokens <= 2 * 500

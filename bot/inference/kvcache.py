@@ -270,6 +270,13 @@ class PrefixStore:
     def peek(self, key: str) -> Prefix | None:
         return self._entries.get(key)
 
+    def get(self, key: str) -> Prefix | None:
+        """The entry, kept (and now the most recently used)."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
     def put(self, key: str, entry: Prefix) -> None:
         self.forget(key)
         if entry.nbytes > self.budget:

@@ -57,6 +57,8 @@ class LocalBackend(Backend):
         # Prompt fitting on its own thread, so it never waits behind generation.
         self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self._generate_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        # Next turns prepared on a thread of their own: never ahead of a live prompt.
+        self._warm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
         self.batcher = Batcher(runner, self._generate_pool, max_batch, max_wait)
         self._warming: set[Future[None]] = set()  # next turns being prepared
 
@@ -152,7 +154,7 @@ class LocalBackend(Backend):
                 )
 
         with contextlib.suppress(RuntimeError):  # the pool is shut down: the bot is stopping
-            future = self._prepare_pool.submit(read_ahead)
+            future = self._warm_pool.submit(read_ahead)
             self._warming.add(future)
             future.add_done_callback(done)
 
@@ -172,6 +174,7 @@ class LocalBackend(Backend):
         if scheduler and not await asyncio.to_thread(scheduler.close, self.close_timeout):
             log.warning("The model was still busy %.0f s after stopping", self.close_timeout)
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+        self._warm_pool.shutdown(wait=False, cancel_futures=True)
         self._generate_pool.shutdown(wait=False, cancel_futures=True)
 
 

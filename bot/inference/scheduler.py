@@ -21,18 +21,12 @@ import hashlib
 import logging
 import threading
 from array import array
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from bot import metrics
 from bot.inference.detokenize import TextStream
@@ -44,21 +38,17 @@ from bot.inference.kvcache import (
     SlotPool,
     common_prefix,
 )
+from bot.inference.sampling import Sampler
 
 log = logging.getLogger(__name__)
 
 
-def row_seed(seed: int, prompt: list[int]) -> int:
-    """A row's seed: SEED and its prompt, not its place among other rows."""
-    digest = hashlib.blake2b(
-        array("q", prompt).tobytes(), digest_size=8, key=seed.to_bytes(8, "little", signed=True)
-    )
-    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
-
-
-# Shared openings kept (one per system prompt or persona in use), and their longest.
-SHARED_KEPT = 16
+# The longest system prompt (or persona) whose cache is shared across conversations.
 SHARED_MAX_TOKENS = 1024
+# Conversations waiting to be read ahead at most (the oldest dropped past it).
+AHEAD_MAX = 64
+# The cache store's key of a shared opening (no conversation key starts so).
+OPENING = "\x00opening:"
 
 
 def _ignore_text(_text: str) -> None:
@@ -129,23 +119,12 @@ class Scheduler:
         self._rows: list[Row] = []
         self._inbox: deque[Row] = deque()
         self._ahead: dict[str, list[int]] = {}  # conversations' next prompts to read ahead
-        # System prompts' (and personas') caches, for every conversation's first turn.
-        self._shared: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self.forgets = 0  # `forget` calls so far
         self._forget: deque[str] = deque()
         self._wake = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
-        self._greedy = temperature <= 0
-        self.seed = seed  # sampling: each row seeded from it and its prompt (None: at random)
-        processors: list[Any] = []
-        if repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-        if not self._greedy:
-            processors.append(TemperatureLogitsWarper(temperature))
-            if top_p < 1.0:
-                processors.append(TopPLogitsWarper(top_p))
-        self._processors = LogitsProcessorList(processors)
+        self.sampler = Sampler(temperature, top_p, repetition_penalty, seed)
         self.steps = 0  # for tests and the bench
         self.max_running = 0
         self.reused_tokens = 0  # prompt tokens read from conversations' caches
@@ -192,6 +171,8 @@ class Scheduler:
                 return
             self._ahead.pop(key, None)
             self._ahead[key] = ids  # the newest last
+            while len(self._ahead) > AHEAD_MAX:
+                self._ahead.pop(next(iter(self._ahead)))
             self._start()
             self._wake.notify()
 
@@ -200,6 +181,7 @@ class Scheduler:
         Blocking: call it off the event loop. False if the thread outlived `timeout`."""
         with self._wake:
             self._closing = True
+            self._ahead.clear()
             for row in [*self._rows, *self._inbox]:
                 row.stop.set()
             self._wake.notify()
@@ -256,8 +238,11 @@ class Scheduler:
                     forgotten = set(self._forget)
                     while self._forget:
                         self.store.forget(self._forget.popleft())
-                for row in [r for r in self._rows if r.background and r.key in forgotten]:
-                    self._end(row, None, LookupError("forgotten"))  # its cache goes too
+                for row in [r for r in self._rows if r.key in forgotten]:
+                    if row.background:
+                        self._end(row, None, LookupError("forgotten"))  # its cache goes too
+                    else:  # answering still (its reader gone): its cache is not kept
+                        row.key = ""
                 with self._wake:
                     metrics.KV_CACHE_BYTES.set(self.store.nbytes)
                     while self._inbox and len(self._rows) + len(arrivals) < self.max_rows:
@@ -303,7 +288,7 @@ class Scheduler:
     def _next_ahead(self, arriving: int) -> Row | None:
         """A conversation's next prompt to read ahead, when nothing live waits and a
         place is free (one at a time); with the lock held."""
-        if self._inbox or arriving or len(self._rows) >= self.max_rows:
+        if self._closing or self._inbox or arriving or len(self._rows) >= self.max_rows:
             return None
         if any(row.background for row in self._rows):
             return None
@@ -332,16 +317,14 @@ class Scheduler:
             reuse = min(common_prefix(cached.ids, row.prompt), len(row.prompt) - 1)
             if reuse > 0:
                 self._pool.load(row.slot, cached.kv, reuse)
-        sharing = self.store.budget > 0  # KV_CACHE_MB=0: no cache kept at all
-        if sharing and 0 < row.shared < len(row.prompt) and reuse < row.shared <= SHARED_MAX_TOKENS:
-            opening = tuple(row.prompt[: row.shared])
-            kv = self._shared.get(opening)
-            if kv is None:
+        if reuse < row.shared <= min(len(row.prompt) - 1, SHARED_MAX_TOKENS):
+            # A new conversation: its system prompt's cache, shared by all that use it.
+            opening = self.store.get(_opening_key(row.prompt[: row.shared]))
+            if opening is None or opening.ids != row.prompt[: row.shared]:
                 row.share = True  # read here: kept for the others when this row ends
             else:
-                self._shared.move_to_end(opening)
                 reuse = row.shared
-                self._pool.load(row.slot, kv, reuse)
+                self._pool.load(row.slot, opening.kv, reuse)
         row.filled = reuse
         self.reused_tokens += reuse
         # Whatever an earlier row left past this one's cache is not to be trusted.
@@ -350,12 +333,8 @@ class Scheduler:
             self.read_ahead_tokens += len(row.prompt) - reuse
         else:
             self.read_tokens += len(row.prompt) - reuse
-        if not self._greedy and row.generator is None and not row.background:
-            row.generator = torch.Generator(device=self._pool.keys.device)
-            if self.seed is None:
-                row.generator.seed()
-            else:  # the same message in the same context samples the same reply
-                row.generator.manual_seed(row_seed(self.seed, row.prompt))
+        if row.generator is None and not row.background:
+            row.generator = self.sampler.generator(row.prompt, self._pool.keys.device)
         self.max_running = max(self.max_running, len(self._rows))
 
     def _plan(self) -> list[tuple[Row, int]]:
@@ -416,50 +395,32 @@ class Scheduler:
             )
             logits = out.logits[0].float()
         self.steps += 1
-        metrics.BATCH.observe(len(plan))
+        answering = sum(not row.background for row, _ in plan)
+        if answering:
+            metrics.BATCH.observe(answering)
         for row, count in plan:
             self._pool.written(row.slot, row.filled + count)
             row.filled += count
+        rows = [row for row, _ in sampling]
+        try:
+            chosen: list[int] | None = self.sampler.choose(
+                [row.tokens for row in rows], [row.generator for row in rows], logits
+            )
+        except Exception:  # one row's sampling: find it by sampling each alone
+            chosen = None
+        for index, row in enumerate(rows):
+            try:
+                if chosen is None:
+                    one = logits[index : index + 1]
+                    token = self.sampler.choose([row.tokens], [row.generator], one)[0]
+                else:
+                    token = chosen[index]
+                self._advance(row, token)
+            except Exception as exc:  # this row's sampling or text, not the others'
+                self._end(row, None, exc)
         for row, _ in plan:
             if row.background and row.filled == len(row.tokens):
                 self._end(row, "", None)  # read: its cache is kept for the next turn
-        rows = [row for row, _ in sampling]
-        try:
-            chosen = self._choose_all(rows, logits)
-        except Exception:  # one row's sampling: find it by sampling each alone
-            chosen = [None] * len(rows)
-        for row, scores, token in zip(rows, logits, chosen, strict=True):
-            try:
-                self._advance(row, self._choose(row, scores) if token is None else token)
-            except Exception as exc:  # this row's sampling or text, not the others'
-                self._end(row, None, exc)
-
-    def _choose_all(self, rows: list[Row], logits: torch.Tensor) -> list[int | None]:
-        """The next token of each sampling row, their logits processed together (each
-        row's own numbers, the same as alone: the processors work row by row)."""
-        scores = logits
-        if self._processors:
-            # Shorter rows padded with their own first token: the same set of tokens.
-            width = max(len(row.tokens) for row in rows)
-            context: Any = torch.tensor(
-                [row.tokens + [row.tokens[0]] * (width - len(row.tokens)) for row in rows],
-                device=scores.device,
-            )
-            scores = self._processors(context, scores)
-        if self._greedy:
-            return list(scores.argmax(-1).tolist())
-        probabilities = torch.softmax(scores, dim=-1)
-        # Each row's own generator: its reply does not depend on who shares its steps.
-        return [
-            int(torch.multinomial(p, 1, generator=row.generator).item())
-            for row, p in zip(rows, probabilities, strict=True)
-        ]
-
-    def _choose(self, row: Row, scores: torch.Tensor) -> int:
-        """One row's next token, alone."""
-        token = self._choose_all([row], scores.unsqueeze(0))[0]
-        assert token is not None
-        return token
 
     def _advance(self, row: Row, token: int) -> None:
         assert row.text is not None
@@ -485,27 +446,27 @@ class Scheduler:
 
     def _end(self, row: Row, text: str | None, error: Exception | None) -> None:
         """Free the row's slot (keeping its cache unless it failed) and tell its
-        reader, once."""
+        reader, once, whatever happens to the cache."""
         if row.ended:
             return
         row.ended = True
         row.text = None
-        if row in self._rows:
-            self._release(row, keep=error is None or isinstance(error, ShutdownError))
         try:
-            row.finish(text, error)
-        except Exception:  # the reader's side (e.g. its event loop has closed)
-            log.exception("Could not hand a reply over")
+            if row in self._rows:
+                self._release(row, keep=error is None or isinstance(error, ShutdownError))
+        finally:
+            try:
+                row.finish(text, error)
+            except Exception:  # the reader's side (e.g. its event loop has closed)
+                log.exception("Could not hand a reply over")
 
     def _release(self, row: Row, keep: bool) -> None:
         """Keep the row's cache for its conversation's next turn and free its slot."""
-        if keep and row.share and row.filled >= row.shared:
-            self._shared[tuple(row.tokens[: row.shared])] = self._pool.save(row.slot, row.shared)
-            while len(self._shared) > SHARED_KEPT:
-                self._shared.popitem(last=False)
-        if keep and row.key and row.filled > 0 and self.store.budget > 0:
-            kv = self._pool.save(row.slot, row.filled)
-            self.store.put(row.key, Prefix(row.tokens[: row.filled], kv))
+        if keep and self.store.budget > 0:
+            try:
+                self._keep(row)
+            except Exception:  # e.g. out of memory for the copy: the cache just goes
+                log.exception("Could not keep a conversation's model cache")
         # Keep slots dense: the last running row moves into the freed slot.
         index = self._rows.index(row)
         moved = self._rows[-1]
@@ -514,3 +475,18 @@ class Scheduler:
             moved.slot = row.slot
             self._rows[index] = moved
         self._rows.pop()
+
+    def _keep(self, row: Row) -> None:
+        """The row's cache in the store: its conversation's, and its system prompt's
+        opening for every new conversation (both within KV_CACHE_MB)."""
+        if row.share and row.filled >= row.shared:
+            opening = row.tokens[: row.shared]
+            kv = self._pool.save(row.slot, row.shared)
+            self.store.put(_opening_key(opening), Prefix(opening, kv))
+        if row.key and row.filled > 0:
+            kv = self._pool.save(row.slot, row.filled)
+            self.store.put(row.key, Prefix(row.tokens[: row.filled], kv))
+
+
+def _opening_key(ids: list[int]) -> str:
+    return OPENING + hashlib.blake2b(array("q", ids).tobytes(), digest_size=16).hexdigest()

@@ -48,8 +48,10 @@ async def forget_person(
         if removed:
             turns += removed
             touched += 1
-            if drop_cache is not None:
-                drop_cache(str(conversation))
+        if drop_cache is not None:
+            # Whatever the count: their turns may have gone from memory (trimmed,
+            # expired) and still be in a model cache.
+            drop_cache(str(conversation))
     log.info("Forgot %d turn(s) of a %s user in %d conversation(s)", turns, platform, touched)
     return Forgotten(turns, touched)
 
