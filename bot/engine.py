@@ -22,7 +22,8 @@ from bot.inference.backend import Backend, Prompt
 from bot.messages import ConversationKey, Message, Reply, Turn, clean_name, clean_text
 from bot.settings import Settings
 from bot.store.forgetting import Forgotten, forget_person
-from bot.store.memory import Memory, authors, from_first_user_turn
+from bot.store.memory import Memory
+from bot.store.schema import authors, from_first_user_turn
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ from bot.inference.loader import LoadedModel
 from bot.inference.local import LocalBackend
 from bot.messages import ConversationKey
 from bot.store.forgetting import Forgotten
-from bot.store.memory import InProcessMemory, redis_key
+from bot.store.memory import InProcessMemory
+from bot.store.schema import redis_key
 from tests.conftest import REPO, RedisServer, bot_env, greedy, run_bot
 from tests.scripted import ScriptedModel
 

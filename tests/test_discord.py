@@ -27,7 +27,8 @@ from bot.inference.loader import LoadedModel
 from bot.inference.local import LocalBackend, ModelRunner
 from bot.messages import ConversationKey, Turn
 from bot.store.forgetting import Forgotten
-from bot.store.memory import InProcessMemory, Memory, RedisMemory, redis_key, user_key
+from bot.store.memory import InProcessMemory, Memory, RedisMemory
+from bot.store.schema import redis_key, user_key
 from tests.conftest import RedisServer, greedy, make_settings
 from tests.fake_discord import (
     ANN,

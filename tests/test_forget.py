@@ -16,7 +16,8 @@ from bot.inference.loader import LoadedModel
 from bot.inference.local import LocalBackend
 from bot.messages import ConversationKey, Message, Turn
 from bot.store.forgetting import Forgotten, forget_person
-from bot.store.memory import InProcessMemory, Memory, RedisMemory, redis_key, user_key
+from bot.store.memory import InProcessMemory, Memory, RedisMemory
+from bot.store.schema import redis_key, user_key
 from tests.conftest import RedisServer, bot_env, greedy, run_bot
 from tests.scripted import ScriptedModel
 

@@ -13,7 +13,8 @@ import redis.asyncio as aioredis
 from bot.engine import Engine
 from bot.inference.local import LocalBackend
 from bot.messages import ConversationKey, Message, Turn
-from bot.store.memory import InProcessMemory, Memory, RedisMemory, redis_key
+from bot.store.memory import InProcessMemory, Memory, RedisMemory
+from bot.store.schema import redis_key
 from tests.conftest import RedisServer
 from tests.scripted import ScriptedModel
 

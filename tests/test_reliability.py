@@ -21,7 +21,8 @@ from bot.engine import APOLOGY, Engine
 from bot.inference.local import LocalBackend
 from bot.logs import RedactingFormatter
 from bot.messages import ConversationKey, Message
-from bot.store.memory import KEY_PREFIX, RedisMemory
+from bot.store.memory import RedisMemory
+from bot.store.schema import KEY_PREFIX
 from tests.conftest import RedisServer, make_settings
 from tests.scripted import ScriptedModel, batch_sizes
 

@@ -36,7 +36,8 @@ from bot.inference.local import LocalBackend, ModelRunner
 from bot.messages import ConversationKey, Turn
 from bot.store.dedupe import Dedupe, RedisDedupe
 from bot.store.forgetting import Forgotten
-from bot.store.memory import InProcessMemory, Memory, RedisMemory, decode_turn, redis_key, user_key
+from bot.store.memory import InProcessMemory, Memory, RedisMemory
+from bot.store.schema import decode_turn, redis_key, user_key
 from tests.conftest import RedisServer, free_port, greedy, make_settings
 from tests.fake_slack import (
     ANN,

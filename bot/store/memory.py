@@ -1,15 +1,6 @@
 """Per-conversation memory: in Redis when REDIS_URL is set, else in this process.
 
-Redis key schema: one list per conversation, one string per channel persona, and one
-set per person of the conversations holding their turns,
-
-    chatbot:conv:{<platform>:<channel>}[:<thread>]  ->  [turn JSON, ...]  (oldest first)
-    chatbot:persona:{<platform>:<channel>}          ->  the channel's system prompt
-    chatbot:user:{<platform>:<user id>}             ->  {["<platform>", "<channel>",
-                                                         "<thread>" | null], ...}
-
-each list element ``{"role": "user" | "assistant", "content": "...", "author_id": "...",
-"author_name": "..."}`` (the author only on user turns). A reply's turns are appended,
+The key schema and the stored turn's JSON are in `bot.store.schema`. A reply's turns are appended,
 the list trimmed to MEMORY_MAX_TURNS and its TTL renewed by one script, and the sets
 of the conversation's authors (the new turn's, and those of turns still in it) given
 the conversation and the same TTL, in one round trip; the history
@@ -35,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -51,14 +41,24 @@ from redis.exceptions import LockError
 from bot.messages import ConversationKey, Turn
 from bot.settings import ConfigError, Settings
 from bot.store.connection import REDIS_ERRORS, Outages, connect
+from bot.store.schema import (
+    append_key,
+    authors,
+    decode_conversation,
+    decode_turn,
+    encode_conversation,
+    encode_turn,
+    from_first_user_turn,
+    lock_key,
+    persona_key,
+    redis_key,
+    user_key,
+    whole_exchanges,
+    without_author,
+)
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "chatbot:conv:"
-PERSONA_PREFIX = "chatbot:persona:"
-APPEND_PREFIX = "chatbot:append:"
-LOCK_PREFIX = "chatbot:lock:"
-USER_PREFIX = "chatbot:user:"
 # A conversation's lock lives this long unless renewed (so a dead process frees it
 # soon), and a message waits at most this long for another process's reply.
 LOCK_SECONDS = 30
@@ -105,75 +105,6 @@ return removed
 """
 
 
-def whole_exchanges(max_turns: int) -> int:
-    """The turn cap as whole exchanges (a message and its reply): an odd cap would
-    leave a history that starts with a reply, which strict chat templates refuse."""
-    return max(2, max_turns - max_turns % 2)
-
-
-def from_first_user_turn(turns: list[Turn]) -> list[Turn]:
-    start = next((i for i, t in enumerate(turns) if t.role == "user"), len(turns))
-    return turns[start:]
-
-
-def _slot(conversation: ConversationKey) -> str:
-    return f"{{{conversation.platform}:{conversation.channel}}}"
-
-
-def redis_key(conversation: ConversationKey) -> str:
-    thread = f":{conversation.thread}" if conversation.thread else ""
-    return f"{KEY_PREFIX}{_slot(conversation)}{thread}"
-
-
-def persona_key(conversation: ConversationKey) -> str:
-    return f"{PERSONA_PREFIX}{_slot(conversation)}"
-
-
-def user_key(platform: str, user_id: str) -> str:
-    return f"{USER_PREFIX}{{{platform}:{user_id}}}"
-
-
-def encode_conversation(conversation: ConversationKey) -> str:
-    return json.dumps([conversation.platform, conversation.channel, conversation.thread])
-
-
-def decode_conversation(raw: str | bytes) -> ConversationKey | None:
-    try:
-        platform, channel, thread = json.loads(raw)
-    except (ValueError, TypeError):
-        return None
-    if not all(isinstance(part, str) for part in (platform, channel)):
-        return None
-    return ConversationKey(platform, channel, thread if isinstance(thread, str) else None)
-
-
-def authors(turns: Sequence[Turn]) -> set[str]:
-    return {turn.author_id for turn in turns if turn.role == "user" and turn.author_id}
-
-
-def without_author(turns: Sequence[Turn], author_id: str) -> tuple[list[Turn], int]:
-    """`turns` without the author's user turns and the replies to them (what FORGET
-    does in Redis), and how many of their turns went."""
-    kept: list[Turn] = []
-    removed = 0
-    drop_reply = False
-    for turn in turns:
-        if turn.role == "user" and turn.author_id == author_id:
-            removed += 1
-            drop_reply = True
-        elif turn.role == "assistant" and drop_reply:
-            drop_reply = False
-        else:
-            drop_reply = False
-            kept.append(turn)
-    return kept, removed
-
-
-def lock_key(conversation: ConversationKey) -> str:
-    thread = f":{conversation.thread}" if conversation.thread else ""
-    return f"{LOCK_PREFIX}{_slot(conversation)}{thread}"
-
-
 async def _renew(lock: Lock) -> None:
     """Keep a held lock alive while its reply is written (a reply can outlast it)."""
     while True:
@@ -183,31 +114,6 @@ async def _renew(lock: Lock) -> None:
         except (*REDIS_ERRORS, LockError) as exc:
             log.warning("A conversation lock could not be renewed: %s", type(exc).__name__)
             return
-
-
-def encode_turn(turn: Turn) -> str:
-    data = {"role": turn.role, "content": turn.content}
-    if turn.author_id:
-        data |= {"author_id": turn.author_id, "author_name": turn.author_name}
-    return json.dumps(data, ensure_ascii=False)
-
-
-def decode_turn(raw: str | bytes) -> Turn | None:
-    """A stored turn, or None for an element this code did not write."""
-    try:
-        data = json.loads(raw)
-        role, content = data["role"], data["content"]
-    except (ValueError, TypeError, KeyError):
-        return None
-    if role not in ("user", "assistant") or not isinstance(content, str):
-        return None
-    author_id, author_name = data.get("author_id"), data.get("author_name")
-    return Turn(
-        role=role,
-        content=content,
-        author_id=author_id if isinstance(author_id, str) else "",
-        author_name=author_name if isinstance(author_name, str) else "",
-    )
 
 
 class Memory(Protocol):
@@ -424,7 +330,7 @@ class RedisMemory:
     ) -> None:
         if not turns:
             return
-        token = f"{APPEND_PREFIX}{_slot(conversation)}:{uuid.uuid4().hex}"
+        token = append_key(conversation, uuid.uuid4().hex)
         try:
             # One round trip; the author's set is in another slot, so not in the script.
             async with self._redis.pipeline(transaction=False) as pipe:
