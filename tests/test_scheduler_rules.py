@@ -274,3 +274,37 @@ def test_close_drops_what_was_left_to_read_ahead(tiny: Gated) -> None:
     wait(running, 5)
     # At most what one step could read before the close was seen: not 30 prompts.
     assert scheduler.read_ahead_tokens <= 2 * 500
+
+
+def test_a_row_keeps_its_slot_when_another_ends(tiny: Gated) -> None:
+    """Ending a row copies no other row's cache: the rows still running stay in their
+    slots (the last one used to move into the freed slot, a copy of its whole cache),
+    and their tokens are those they get alone."""
+
+    def long_tokens(with_short: bool) -> tuple[list[int], list[int]]:
+        scheduler = make(tiny, max_new_tokens=40, max_rows=4)
+        try:
+            slots: list[int] = []
+            short_row = None
+            if with_short:
+                short_row, short = submit(scheduler, prompt(12), key="short")
+            long_row, long = submit(scheduler, prompt(30, start=200), key="long")
+
+            def watch() -> None:
+                slots.append(long_row.slot)
+                if short_row is not None and len(slots) == 5:
+                    short_row.stop.set()  # its reader goes away: it ends first
+
+            tiny.before = watch
+            wait(long)
+            if with_short:
+                wait(short)
+            return long.tokens(), slots
+        finally:
+            tiny.before = lambda: None
+            scheduler.close(10)
+
+    beside, slots = long_tokens(with_short=True)
+    alone, _ = long_tokens(with_short=False)
+    assert beside == alone
+    assert len(set(slots)) == 1, slots  # never moved, though the short row ended first

@@ -142,11 +142,6 @@ class SlotPool:
         # stack copies: the result shares no memory with the pool.
         return torch.stack((self.keys[:, slot, :, :length], self.values[:, slot, :, :length]))
 
-    def move(self, source: int, target: int, length: int) -> None:
-        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
-        self.values[:, target, :, :length] = self.values[:, source, :, :length]
-        self.occupy(target, length)
-
 
 class RaggedStep:
     """One forward pass over several rows' new tokens, laid end to end.

@@ -18,6 +18,7 @@ prompt in fp32 (tests/test_scheduler.py), whatever rows join or leave meanwhile.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
 import threading
 from array import array
@@ -117,6 +118,7 @@ class Scheduler:
         # pages are committed as positions are written, not here.
         self._pool = SlotPool(self.shape, max_rows, capacity)
         self._rows: list[Row] = []
+        self._free = list(range(max_rows))  # a heap of the slots no row holds
         self._inbox: deque[Row] = deque()
         self._ahead: dict[str, list[int]] = {}  # conversations' next prompts to read ahead
         self.forgets = 0  # `forget` calls so far
@@ -305,7 +307,7 @@ class Scheduler:
         return None
 
     def _admit(self, row: Row) -> None:
-        row.slot = len(self._rows)
+        row.slot = heapq.heappop(self._free)  # the lowest free slot: attention stays narrow
         row.admitted = self.steps
         row.tokens = list(row.prompt)
         row.text = TextStream(self.tokenizer, row.sink)
@@ -467,14 +469,10 @@ class Scheduler:
                 self._keep(row)
             except Exception:  # e.g. out of memory for the copy: the cache just goes
                 log.exception("Could not keep a conversation's model cache")
-        # Keep slots dense: the last running row moves into the freed slot.
-        index = self._rows.index(row)
-        moved = self._rows[-1]
-        if moved is not row:
-            self._pool.move(moved.slot, row.slot, moved.filled)
-            moved.slot = row.slot
-            self._rows[index] = moved
-        self._rows.pop()
+        # The slot is free for the next row; the others stay where they are (moving
+        # one into the gap copied its whole cache, on this thread, at every row's end).
+        self._rows.remove(row)
+        heapq.heappush(self._free, row.slot)
 
     def _keep(self, row: Row) -> None:
         """The row's cache in the store: its conversation's, and its system prompt's
