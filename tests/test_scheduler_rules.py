@@ -291,6 +291,8 @@ def test_a_row_keeps_its_slot_when_another_ends(tiny: Gated) -> None:
             long_row, long = submit(scheduler, prompt(30, start=200), key="long")
 
             def watch() -> None:
+                if long_row.slot < 0:
+                    return  # not admitted yet (the short row's first step came first)
                 slots.append(long_row.slot)
                 if short_row is not None and len(slots) == 5:
                     short_row.stop.set()  # its reader goes away: it ends first
