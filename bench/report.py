@@ -146,28 +146,18 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
     else:
         values["tokens_per_s_16_vs_seed"] = (None, "not run")
     peer = _run(runs, "llama-cpp-python", 1)
-    if bot16 and peer:
-        values["tokens_per_s_16_vs_llama_cpp"] = (
-            _div(bot16["tokens_per_s"], peer["tokens_per_s"]),
-            f"{bot16['tokens_per_s']} vs {peer['tokens_per_s']} tok/s ({_tags(peer)})",
-        )
-    else:
-        values["tokens_per_s_16_vs_llama_cpp"] = (
-            None,
-            results.get("llama_cpp", "not run") if bot16 else "not run",
-        )
-    bot1 = _run(runs, "this bot", 1)
-    if bot1 and peer:
-        values["tokens_per_s_1_vs_llama_cpp"] = (
-            _div(bot1["tokens_per_s"], peer["tokens_per_s"]),
-            f"{bot1['tokens_per_s']} vs {peer['tokens_per_s']} tok/s ({_tags(bot1)} / "
-            f"{_tags(peer)})",
-        )
-    else:
-        values["tokens_per_s_1_vs_llama_cpp"] = (
-            None,
-            results.get("llama_cpp", "not run") if bot1 else "not run",
-        )
+    for key, bot in (
+        ("tokens_per_s_16_vs_llama_cpp", bot16),
+        ("tokens_per_s_1_vs_llama_cpp", _run(runs, "this bot", 1)),
+    ):
+        if bot and peer:
+            values[key] = (
+                _div(bot["tokens_per_s"], peer["tokens_per_s"]),
+                f"{bot['tokens_per_s']} vs {peer['tokens_per_s']} tok/s ({_tags(bot)} / "
+                f"{_tags(peer)})",
+            )
+        else:
+            values[key] = (None, results.get("llama_cpp", "not run") if bot else "not run")
 
     turns = results.get("turns") or {}
     at: dict[str, float] = turns.get("at", {})

@@ -21,7 +21,7 @@ from transformers.generation.streamers import BaseStreamer
 from bot import metrics
 from bot.inference.backend import Prompt
 from bot.inference.detokenize import TextStream
-from bot.inference.kvcache import common_prefix, install
+from bot.inference.kvcache import install, opening
 from bot.inference.loader import LoadedModel
 from bot.inference.prompt import PromptFormat, build_prompt, encode, renders_names
 from bot.inference.scheduler import Scheduler
@@ -234,23 +234,20 @@ class Generator:
                 sliding=len(history) + 2 > self.memory_turns,
                 speaker=speaker,
             )
-            opening = self._opening(fmt)
-        shared = len(opening) if prompt.input_ids[: len(opening)] == opening else 0
+            start = self._opening(fmt)
+        shared = len(start) if prompt.input_ids[: len(start)] == start else 0
         return dataclasses.replace(prompt, shared=shared)
 
     def _opening(self, fmt: PromptFormat) -> list[int]:
         """The tokens every prompt with this system prompt starts with (the tokenizer
         lock held): what prompts for two different first messages agree on."""
-        opening = self._openings.get(fmt.system_prompt)
-        if opening is None:
-            tokenizer = self.loaded.tokenizer
-            one = encode(tokenizer, fmt, fmt.messages([], "a"))
-            other = encode(tokenizer, fmt, fmt.messages([], "b"))
-            opening = one[: common_prefix(one, other)]
+        known = self._openings.get(fmt.system_prompt)
+        if known is None:
+            known = opening(lambda text: encode(self.loaded.tokenizer, fmt, fmt.messages([], text)))
             if len(self._openings) >= 64:  # personas: bounded
                 self._openings.pop(next(iter(self._openings)))
-            self._openings[fmt.system_prompt] = opening
-        return opening
+            self._openings[fmt.system_prompt] = known
+        return known
 
     def generate(
         self,

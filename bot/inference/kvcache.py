@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -284,6 +285,13 @@ class PrefixStore:
 
     def forget(self, key: str) -> None:
         self.take(key)
+
+
+def opening(prompt_for: Callable[[str], list[int]]) -> list[int]:
+    """The tokens a prompt has whatever its new message says: where the prompts for
+    two different messages part. What a cache can hold ahead of the message."""
+    one, other = prompt_for("a"), prompt_for("b")
+    return one[: common_prefix(one, other)]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -137,14 +137,15 @@ class LocalBackend(Backend):
         if scheduler is None:
             return
 
-        from bot.inference.kvcache import common_prefix  # loaded already, with the model
+        from bot.inference.kvcache import opening  # loaded already, with the model
 
         forgets = scheduler.forgets  # a forget from now on makes this out of date
 
         def read_ahead() -> None:
-            one = self.runner.prepare(history, "a", system_prompt, speaker).input_ids
-            other = self.runner.prepare(history, "b", system_prompt, speaker).input_ids
-            scheduler.prefetch(conversation, one[: common_prefix(one, other)], forgets)
+            ids = opening(
+                lambda text: self.runner.prepare(history, text, system_prompt, speaker).input_ids
+            )
+            scheduler.prefetch(conversation, ids, forgets)
 
         def done(future: Future[None]) -> None:
             self._warming.discard(future)
