@@ -146,7 +146,7 @@ class Engine:
 
     async def reset(self, conversation: ConversationKey) -> None:
         """Forget a conversation (after any reply in progress there)."""
-        async with self._order.turn(conversation):
+        async with self._order.turn(conversation), self.memory.turn(conversation):
             await self.memory.reset(conversation)
             self.backend.forget(str(conversation))
 
@@ -288,14 +288,19 @@ class Engine:
                 yield apology
                 return
             # Both turns at once, and only for a reply that was written in full.
-            asked = Turn("user", prompt.user_text, message.author_id, name)
+            sent = message.timestamp.timestamp()
+            asked = Turn("user", prompt.user_text, message.author_id, name, sent_at=sent)
             replied = Turn("assistant", answer)
-            await self.memory.append(conversation, [asked, replied], present=authors(history))
-            # While the person reads and types: the next turn's prompt prepared (its
-            # history as memory now keeps it), so that turn reads only its new text.
-            kept = from_first_user_turn([*history, asked, replied][-self.memory.max_turns :])
-            following = name if self._several_people(message, kept) else None
-            self.backend.warm(str(conversation), kept, persona, following)
+            turns = [asked, replied]
+            if await self.memory.append(conversation, turns, present=authors(history)):
+                # While the person reads and types: the next turn's prompt prepared
+                # (its history as memory now keeps it), so it reads only its new text.
+                kept = from_first_user_turn([*history, *turns][-self.memory.max_turns :])
+                following = name if self._several_people(message, kept) else None
+                self.backend.warm(str(conversation), kept, persona, following)
+            else:
+                # Not kept (forgotten meanwhile, or the store is away): nor is its cache.
+                self.backend.forget(str(conversation))
             out.reply = Reply("".join(parts) + answer, truncated_input=prompt.truncated)
             latency = time.perf_counter() - started
             log.info(

@@ -25,7 +25,9 @@ COMMAND_HELP = "Forget everything you told me, in every conversation (and my rep
 def describe(forgotten: Forgotten) -> str:
     """What the person is told, privately."""
     if forgotten.turns == 0:
-        return "I had nothing stored from you: there was nothing to forget."
+        # Not "there was nothing": a message of theirs still being answered when they
+        # asked is deleted as it is stored, and not counted here.
+        return "Done: nothing you wrote is stored any more (I had nothing else from you)."
     one = forgotten.turns == 1
     messages = (
         "1 message you wrote, and my reply to it"

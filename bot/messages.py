@@ -75,6 +75,9 @@ class Turn:
     content: str
     author_id: str = ""
     author_name: str = ""
+    # When the person sent it (epoch seconds; user turns): a /forget deletes what was
+    # sent before it, also when it is stored after it.
+    sent_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

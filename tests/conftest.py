@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,117 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+class RedisClusterNodes:
+    """A real 3-master Redis Cluster on loopback (no replicas), made with redis-cli."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.ports: list[int] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        """Any node's address names the cluster; the second, so that the first is not
+        special."""
+        return f"redis://127.0.0.1:{self.ports[1]}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: `make test` installs it (as root)")
+        # A node's cluster bus listens on its port + 10000: keep both free and < 65536.
+        while len(self.ports) < 3:
+            port = _free_low_port()
+            if port not in self.ports:
+                self.ports.append(port)
+        for port in self.ports:
+            node = self.directory / str(port)
+            node.mkdir()
+            options = {"port": port, "bind": "127.0.0.1", "cluster-enabled": "yes",
+                       "cluster-config-file": node / "nodes.conf", "save": "",
+                       "appendonly": "no", "dir": node, "loglevel": "warning"}  # fmt: skip
+            command = [binary, *(part for k, v in options.items() for part in (f"--{k}", str(v)))]
+            self.processes.append(
+                subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        for port in self.ports:
+            self._wait(port, b"PING\r\n", b"+PONG")
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )  # fmt: skip
+        for port in self.ports:
+            self._wait(port, b"CLUSTER INFO\r\n", b"cluster_state:ok")
+
+    def _wait(self, port: int, command: bytes, answer: bytes) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+                    conn.sendall(command)
+                    if answer in conn.recv(4096):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        pytest.fail(f"redis cluster node {port} did not answer {command!r} with {answer!r}")
+
+    def flush(self) -> None:
+        for port in self.ports:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+                conn.sendall(b"FLUSHALL\r\n")
+                conn.recv(16)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            process.wait(timeout=10)
+        self.processes.clear()
+
+
+def _free_low_port() -> int:
+    while True:
+        port = free_port()
+        if port < 55536:
+            return port
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
+    cluster = RedisClusterNodes(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_nodes: RedisClusterNodes) -> RedisClusterNodes:
+    """The session's Redis Cluster, emptied for one test."""
+    redis_cluster_nodes.flush()
+    return redis_cluster_nodes
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where a store test's Redis is: one server, or a cluster (any node's URL)."""
+
+    url: str
+    cluster: bool
+
+
+@pytest.fixture(params=["server", "cluster"])
+def redis_target(request: pytest.FixtureRequest) -> RedisTarget:
+    """One redis-server, then the real 3-node cluster: a store test runs on both."""
+    if request.param == "server":
+        return RedisTarget(request.getfixturevalue("redis_server").url, cluster=False)
+    return RedisTarget(request.getfixturevalue("redis_cluster").url, cluster=True)
 
 
 @pytest.fixture(scope="session")

@@ -67,10 +67,12 @@ def memory() -> InProcessMemory:
 
 async def test_greedy_answer_to_a_known_question(bundled: LoadedModel) -> None:
     engine = Engine(LocalBackend(greedy(bundled)), memory())
-    reply = await engine.reply(msg("What is the capital of France?"))
+    message = msg("What is the capital of France?")
+    reply = await engine.reply(message)
     assert reply.ok and "Paris" in reply.text
     stored = await engine.memory.history(ConversationKey("test", "c1"))
-    asked = Turn("user", "What is the capital of France?", "u1", "User")
+    sent = message.timestamp.timestamp()
+    asked = Turn("user", "What is the capital of France?", "u1", "User", sent_at=sent)
     assert stored == [asked, Turn("assistant", reply.text)]
     await engine.close()
 

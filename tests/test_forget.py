@@ -4,6 +4,7 @@ of the platform, nobody else's; in Redis and in-process, from the engine and the
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,7 +19,7 @@ from bot.messages import ConversationKey, Message, Turn
 from bot.store.forgetting import Forgotten, forget_person
 from bot.store.memory import InProcessMemory, Memory, RedisMemory
 from bot.store.schema import redis_key, user_key
-from tests.conftest import RedisServer, bot_env, greedy, run_bot
+from tests.conftest import RedisClusterNodes, RedisServer, bot_env, greedy, run_bot
 from tests.scripted import ScriptedModel
 
 GENERAL = ConversationKey("discord", "100")
@@ -31,12 +32,15 @@ def said(conversation: ConversationKey, who: str, text: str) -> Message:
     return Message(conversation, who, f"user{who}", text)
 
 
-@pytest.fixture(params=["redis", "in-process"])
+@pytest.fixture(params=["redis", "cluster", "in-process"])
 async def memory(request: pytest.FixtureRequest) -> AsyncIterator[Memory]:
     store: Memory
     if request.param == "redis":
         server: RedisServer = request.getfixturevalue("redis_server")
         store = RedisMemory(server.url, 20, 600)
+    elif request.param == "cluster":
+        nodes: RedisClusterNodes = request.getfixturevalue("redis_cluster")
+        store = RedisMemory(nodes.url, 20, 600, cluster=True)
     else:
         store = InProcessMemory(20, 600)
     yield store
@@ -98,17 +102,23 @@ async def test_redis_keys_for_forgetting(redis_server: RedisServer) -> None:
     await engine.close()
 
 
-async def test_a_reply_in_progress_is_stored_then_forgotten() -> None:
+async def test_a_reply_in_progress_is_not_kept_after_the_forget() -> None:
     memory = InProcessMemory(20, 600)
     engine = Engine(LocalBackend(ScriptedModel("a slow reply", chunk=1, delay=0.02)), memory)
+    await engine.reply(said(GENERAL, "1", "an earlier message"))
     stream = engine.stream(said(OTHER, "1", "my first message here"))
     chunks = aiter(stream)
     await anext(chunks)  # generating now; nothing stored yet, no index lists OTHER
     forgetting = asyncio.create_task(engine.forget_user("discord", "1"))
     async for _ in chunks:
         pass
+    # The reply in progress is deleted as it is stored (not counted: it was never kept).
     assert await forgetting == Forgotten(1, 1)
     assert await memory.history(OTHER) == []
+    assert await memory.history(GENERAL) == []
+    # What they write after the forget is kept.
+    await engine.reply(said(OTHER, "1", "a new message"))
+    assert [t.content for t in await memory.history(OTHER)] == ["a new message", "a slow reply"]
     await engine.close()
 
 
@@ -128,7 +138,7 @@ async def test_the_model_cache_of_a_conversation_goes_too(bundled: LoadedModel) 
 
 
 def test_what_the_person_is_told() -> None:
-    assert describe(Forgotten(0, 0)).startswith("I had nothing stored from you")
+    assert describe(Forgotten(0, 0)).startswith("Done: nothing you wrote is stored")
     assert describe(Forgotten(1, 1)) == (
         "Done: I deleted 1 message you wrote, and my reply to it, from 1 conversation."
     )
@@ -203,10 +213,9 @@ async def test_a_message_stored_while_forgetting_is_found_next_time(
 
     @asynccontextmanager
     async def hold(conversation: ConversationKey) -> AsyncIterator[None]:
-        if conversation == GENERAL:  # the first one: Alice is answered elsewhere now
-            await memory.append(
-                meanwhile, [Turn("user", "alice meanwhile", "1", "Alice"), Turn("assistant", "ok")]
-            )
+        if conversation == GENERAL:  # the first one: Alice, writing after her /forget
+            said_now = Turn("user", "alice meanwhile", "1", "Alice", sent_at=time.time())
+            await memory.append(meanwhile, [said_now, Turn("assistant", "ok")])
         yield
 
     first = await forget_person(memory, "discord", "1", hold=hold)

@@ -13,9 +13,10 @@ import redis.asyncio as aioredis
 from bot.engine import Engine
 from bot.inference.local import LocalBackend
 from bot.messages import ConversationKey, Message, Turn
+from bot.store.connection import connect
 from bot.store.memory import InProcessMemory, Memory, RedisMemory
-from bot.store.schema import redis_key
-from tests.conftest import RedisServer
+from bot.store.schema import lock_key, redis_key
+from tests.conftest import RedisClusterNodes, RedisServer, RedisTarget
 from tests.scripted import ScriptedModel
 
 A = ConversationKey("discord", "111")
@@ -36,11 +37,17 @@ def turns(*texts: str) -> list[Turn]:
     return [Turn("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(texts)]
 
 
-@pytest.fixture(params=["redis", "in-process"])
+@pytest.fixture(params=["redis", "cluster", "in-process"])
 async def memory(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Memory]:
     if request.param == "in-process":
         store: Memory = InProcessMemory(max_turns=4, ttl_seconds=3600)
         yield store
+        return
+    if request.param == "cluster":
+        nodes: RedisClusterNodes = request.getfixturevalue("redis_cluster")
+        store = RedisMemory(nodes.url, max_turns=4, ttl_seconds=3600, cluster=True)
+        yield store
+        await store.close()
         return
     server = RedisServer(tmp_path)
     server.start()
@@ -106,11 +113,12 @@ async def test_redis_schema_ttl_and_round_trips(redis_server: RedisServer) -> No
         await memory.close()
 
 
-async def test_memory_survives_a_bot_restart(redis_server: RedisServer) -> None:
-    first = RedisMemory(redis_server.url, max_turns=10, ttl_seconds=600)
+async def test_memory_survives_a_bot_restart(redis_target: RedisTarget) -> None:
+    url, cluster = redis_target.url, redis_target.cluster
+    first = RedisMemory(url, max_turns=10, ttl_seconds=600, cluster=cluster)
     await first.append(A, turns("remember me"))
     await first.close()
-    second = RedisMemory(redis_server.url, max_turns=10, ttl_seconds=600)
+    second = RedisMemory(url, max_turns=10, ttl_seconds=600, cluster=cluster)
     assert [t.content for t in await second.history(A)] == ["remember me"]
     await second.close()
 
@@ -162,31 +170,37 @@ async def test_an_odd_cap_keeps_whole_exchanges(store: str, tmp_path: Any) -> No
 
 
 async def test_history_stored_by_older_code_is_read_from_its_first_user_turn(
-    redis_server: RedisServer,
+    redis_target: RedisTarget,
 ) -> None:
-    probe = aioredis.from_url(redis_server.url, decode_responses=True)
+    probe = connect(redis_target.url, cluster=redis_target.cluster)
     await probe.rpush(
         redis_key(A),
         '{"role": "assistant", "content": "half"}',
         '{"role": "user", "content": "u"}',
         '{"role": "assistant", "content": "a"}',
     )
-    memory = RedisMemory(redis_server.url, max_turns=20, ttl_seconds=600)
+    memory = RedisMemory(redis_target.url, 20, 600, cluster=redis_target.cluster)
     assert [t.content for t in await memory.history(A)] == ["u", "a"]
     assert [t.content for t in (await memory.load(A))[0]] == ["u", "a"]
     await memory.close()
     await probe.aclose()
 
 
-async def test_two_processes_answer_one_conversation_in_order(redis_server: RedisServer) -> None:
+async def test_two_processes_answer_one_conversation_in_order(redis_target: RedisTarget) -> None:
     """Two engines on one Redis (replicas behind a load balancer): two quick messages in
     one thread are answered one after the other, the second with the first exchange in
     its history, and stored in order."""
+    url, cluster = redis_target.url, redis_target.cluster
     models = [ScriptedModel(lambda text: f"answer to {text}", chunk=4, delay=0.02) for _ in "ab"]
-    engines = [Engine(LocalBackend(m), RedisMemory(redis_server.url, 20, 600)) for m in models]
+    engines = [Engine(LocalBackend(m), RedisMemory(url, 20, 600, cluster=cluster)) for m in models]
     key = ConversationKey("slack", "C1", "1712345678.000100")
     first = asyncio.create_task(engines[0].reply(Message(key, "u1", "Ann", "one")))
-    await asyncio.sleep(0.01)
+    probe = connect(url, cluster=cluster)
+    for _ in range(2000):  # until the first holds the lock, however loaded the machine
+        if await probe.exists(lock_key(key)):
+            break
+        await asyncio.sleep(0.005)
+    await probe.aclose()
     second = asyncio.create_task(engines[1].reply(Message(key, "u2", "Bob", "two")))
     assert (await first).ok and (await second).ok
     stored = await engines[0].memory.history(key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -22,26 +23,58 @@ OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 REDIS_ERRORS = (RedisError, OSError)
 
 
+# A single server or a Redis Cluster: the commands the bot sends are the same, and each
+# touches one hash slot, so either client runs them.
+Client = aioredis.Redis | RedisCluster
+
+
 def connect(
-    url: str, timeout: float = 2.0, connection_class: type[aioredis.Connection] | None = None
-) -> aioredis.Redis:
+    url: str,
+    timeout: float = 2.0,
+    connection_class: type[aioredis.Connection] | None = None,
+    *,
+    cluster: bool = False,
+) -> Client:
     """A client with short timeouts and one quick retry on a broken connection: a pooled
-    connection to a restarted server fails once, then reconnects.
+    connection to a restarted server fails once, then reconnects. `cluster`: `url` names
+    a node of a Redis Cluster (see `is_cluster`), and the client follows its redirects.
 
     Never a retry on a timeout: a command that timed out may still be applied by a
     stalled server, and sending it again would apply it twice (a dedupe claim then finds
     itself and reports the event as already answered; an append stores turns twice).
     A broken connection can also come after the server applied a command, so the
     writes that are not idempotent by nature carry a token (bot.store.dedupe, bot.store.memory)."""
+    retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+    if cluster:
+        return RedisCluster.from_url(
+            url,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            retry=retry,
+            decode_responses=True,
+        )
     extra = {"connection_class": connection_class} if connection_class else {}
     return aioredis.from_url(
         url,
         socket_connect_timeout=timeout,
         socket_timeout=timeout,
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        retry=retry,
         decode_responses=True,
         **extra,
     )
+
+
+async def is_cluster(url: str, timeout: float = 2.0) -> bool:  # noqa: ASYNC109 - socket timeouts
+    """Whether `url` names a node of a Redis Cluster (its INFO says cluster_enabled:1):
+    asked once at start-up, so REDIS_URL may name any node. Raises when unreachable."""
+    probe = aioredis.from_url(
+        url, socket_connect_timeout=timeout, socket_timeout=timeout, decode_responses=True
+    )
+    try:
+        info = await probe.info("cluster")
+    finally:
+        await probe.aclose()
+    return bool(info.get("cluster_enabled"))
 
 
 class Outages:

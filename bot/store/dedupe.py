@@ -20,7 +20,7 @@ from typing import Protocol
 import redis.asyncio as aioredis
 
 from bot.settings import Settings
-from bot.store.connection import REDIS_ERRORS, Outages, connect
+from bot.store.connection import REDIS_ERRORS, Client, Outages, connect, is_cluster
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,10 @@ class InProcessDedupe:
 
 
 class RedisDedupe:
+    """Claims in Redis, on one server or a Redis Cluster: which one is asked at the
+    first claim (the adapters build this before anything can await), and again after
+    a failed ask, so a Redis that is down at start-up is found later."""
+
     def __init__(
         self,
         url: str,
@@ -82,15 +86,25 @@ class RedisDedupe:
         timeout: float = 2.0,
         connection_class: type[aioredis.Connection] | None = None,
     ) -> None:
+        self._url = url
         self._ttl = ttl_seconds
-        self._redis = connect(url, timeout, connection_class)
+        self._timeout = timeout
+        self._connection_class = connection_class
+        self._redis: Client | None = None
         self._fallback = InProcessDedupe(ttl_seconds)
         self._outages = Outages(url, "deduping events in this process only")
+
+    async def _client(self) -> Client:
+        if self._redis is None:
+            cluster = await is_cluster(self._url, self._timeout)
+            self._redis = connect(self._url, self._timeout, self._connection_class, cluster=cluster)
+        return self._redis
 
     async def first(self, key: str) -> bool:
         token = uuid.uuid4().hex
         try:
-            holder = await self._redis.eval(CLAIM, 1, KEY_PREFIX + key, token, self._ttl)
+            redis = await self._client()
+            holder = await redis.eval(CLAIM, 1, KEY_PREFIX + key, token, self._ttl)
         except REDIS_ERRORS as exc:
             self._outages.failed("dedupe an event", exc)
             return await self._fallback.first(key)
@@ -98,7 +112,8 @@ class RedisDedupe:
         return bool(holder == token)
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
 
 
 def open_dedupe(settings: Settings) -> Dedupe:

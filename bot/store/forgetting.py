@@ -5,6 +5,7 @@ of every conversation that lists them (`Engine.forget_user` and the operators' C
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ async def forget_person(
     hold: Callable[[ConversationKey], AbstractAsyncContextManager[None]] | None = None,
     drop_cache: Callable[[str], None] | None = None,
 ) -> Forgotten:
-    """Remove the person's turns, and the replies to them, everywhere on `platform`.
+    """Remove the person's turns sent until now, and the replies to them, everywhere on
+    `platform`, also those still being answered (downloading files, queued, generating).
 
     Each conversation is done in its turn (`hold`: this process's order; the store's
     lock: other processes'), so a reply being written there is stored first, then
@@ -40,11 +42,15 @@ async def forget_person(
     answered now and may not be listed yet. `drop_cache`: forget a conversation's
     model cache.
     """
+    # The mark first: a message of theirs sent before now and stored after the lists are
+    # read is deleted as it is stored, on whichever process answers it.
+    at = time.time()
+    await memory.mark_forgotten(platform, user_id, at)
     listed = await memory.conversations_of(platform, user_id)
     turns = touched = 0
     for conversation in sorted({*listed, *also}, key=str):
         async with (hold or _no_hold)(conversation), memory.turn(conversation):
-            removed = await memory.forget(conversation, user_id)
+            removed = await memory.forget(conversation, user_id, at)
         if removed:
             turns += removed
             touched += 1

@@ -7,16 +7,27 @@ the conversation and the same TTL, in one round trip; the history
 and the persona are read in one. The braces are Redis Cluster hash tags: a channel's
 keys share a slot, so that read needs one node, and no command ever spans two slots.
 
-Forgetting a person (/forget) reads their set, then for each listed conversation, under
-its lock, takes it off the set and removes their turns and the replies to them.
+Forgetting a person (/forget) first marks the time in their slot, then reads their set
+and, for each listed conversation under its lock, takes it off the set and removes
+their turns sent before the mark and the replies to them. An append lists the
+conversation in its authors' sets, writes the turns, and only then reads their marks
+(one round trip on one server; under the conversation's lock on a cluster, which a
+forget takes too): so either the forget finds the new turns or the append sees the
+mark and deletes them itself. A message sent before a /forget is never kept after it,
+whatever stage its reply was in, and on whichever process.
 
 An append is idempotent: it carries a token, remembered for a while under
 ``chatbot:append:{<platform>:<channel>}:<token>``, and a second run of the same append
 (a command sent again after a broken connection) stores nothing.
 
 While a message is answered, ``chatbot:lock:{<platform>:<channel>}[:<thread>]`` holds
-the conversation's lock (redis-py's Lock: a token, a 30 s expiry renewed while held), so
-processes sharing this Redis answer one message of a conversation at a time, in order.
+the conversation's lock (redis-py's Lock: a token, a 30 s expiry renewed while held, a
+failed renewal retried until the lock would expire), so processes sharing this Redis
+answer one message of a conversation at a time, in order. The lock fences: append and
+reset check its token in the script that writes (the lock shares the conversation's
+slot) and write nothing under a lock they no longer hold. A forget takes the lock too
+(so a reply being written is stored first, then deleted with the rest) but is not
+fenced: taking a person's turns out is right after any write, and never refused.
 
 History is whole exchanges: the cap is rounded down to an even number of turns, and a
 history that starts with a reply (stored by older code) is read from its first user turn.
@@ -40,7 +51,7 @@ from redis.exceptions import LockError
 
 from bot.messages import ConversationKey, Turn
 from bot.settings import ConfigError, Settings
-from bot.store.connection import REDIS_ERRORS, Outages, connect
+from bot.store.connection import REDIS_ERRORS, Outages, connect, is_cluster
 from bot.store.schema import (
     append_key,
     authors,
@@ -48,6 +59,8 @@ from bot.store.schema import (
     decode_turn,
     encode_conversation,
     encode_turn,
+    forgotten_by,
+    forgotten_key,
     from_first_user_turn,
     lock_key,
     persona_key,
@@ -66,25 +79,44 @@ LOCK_WAIT_SECONDS = 120
 # How long an append's token is remembered: far longer than a command's retry.
 APPEND_TOKEN_SECONDS = 600
 
-# KEYS: the conversation, the append's token. ARGV: cap, TTL, token TTL, turns.
-APPEND = """
-if not redis.call('SET', KEYS[2], 1, 'NX', 'EX', ARGV[3]) then return 0 end
-redis.call('RPUSH', KEYS[1], unpack(ARGV, 4))
-redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 1
+# A failed renewal is tried again this often until the lock would have expired.
+RENEW_RETRY_SECONDS = 1.0
+
+# Each script's first lines: under a lock (its token in ARGV[1]; '' for none), write
+# only while the lock's key still holds that token. KEYS[1]: the lock.
+FENCE = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 """
 
-# KEYS: the conversation. ARGV: the author whose turns go. Removes each of their user
-# turns and the reply that follows it, keeping the list's TTL; returns how many of
-# their turns went.
-FORGET = """
-local raw = redis.call('LRANGE', KEYS[1], 0, -1)
+# KEYS: the lock, the conversation, the append's token. ARGV: lock token, cap, TTL,
+# token TTL, turns. -1: the lock is lost; 0: already done; 1: stored.
+APPEND = (
+    FENCE
+    + """
+if not redis.call('SET', KEYS[3], 1, 'NX', 'EX', ARGV[4]) then return 0 end
+redis.call('RPUSH', KEYS[2], unpack(ARGV, 5))
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+)
+
+# KEYS: the lock, the conversation. ARGV: '' (unfenced), the author whose turns go, the
+# time of their /forget ('' for all their turns). Removes each of their user turns sent
+# by then (or stored without a time) and the reply that follows it, keeping the list's
+# TTL; returns how many of their turns went (-1: the lock is lost).
+FORGET = (
+    FENCE
+    + """
+local before = tonumber(ARGV[3])
+local raw = redis.call('LRANGE', KEYS[2], 0, -1)
 local keep, removed, drop_reply = {}, 0, false
 for _, item in ipairs(raw) do
   local ok, turn = pcall(cjson.decode, item)
   local role = ok and type(turn) == 'table' and turn['role'] or nil
-  if role == 'user' and turn['author_id'] == ARGV[1] then
+  local at = role and turn['at'] or nil
+  if role == 'user' and turn['author_id'] == ARGV[2]
+      and (before == nil or type(at) ~= 'number' or at <= before) then
     removed = removed + 1
     drop_reply = true
   elseif role == 'assistant' and drop_reply then
@@ -95,25 +127,49 @@ for _, item in ipairs(raw) do
   end
 end
 if removed == 0 then return 0 end
-local ttl = redis.call('PTTL', KEYS[1])
-redis.call('DEL', KEYS[1])
+local ttl = redis.call('PTTL', KEYS[2])
+redis.call('DEL', KEYS[2])
 for i = 1, #keep, 1000 do
-  redis.call('RPUSH', KEYS[1], unpack(keep, i, math.min(i + 999, #keep)))
+  redis.call('RPUSH', KEYS[2], unpack(keep, i, math.min(i + 999, #keep)))
 end
-if #keep > 0 and ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+if #keep > 0 and ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 return removed
 """
+)
+
+# KEYS: the lock, the conversation. ARGV: lock token. -1: the lock is lost.
+RESET = FENCE + "redis.call('DEL', KEYS[2]) return 1"
 
 
-async def _renew(lock: Lock) -> None:
-    """Keep a held lock alive while its reply is written (a reply can outlast it)."""
+async def _renew(lock: Lock, conversation: ConversationKey) -> None:
+    """Keep a held lock alive while its reply is written (a reply can outlast it): every
+    third of its life, and after a failure again every RENEW_RETRY_SECONDS until the
+    lock would have expired. Lost (expired, or held by another): its writes are fenced."""
+    clock = asyncio.get_running_loop().time
+    expires = clock() + LOCK_SECONDS
     while True:
         await asyncio.sleep(LOCK_SECONDS / 3)
-        try:
-            await lock.reacquire()
-        except (*REDIS_ERRORS, LockError) as exc:
-            log.warning("A conversation lock could not be renewed: %s", type(exc).__name__)
-            return
+        while True:
+            sent = clock()
+            try:
+                await lock.reacquire()
+            except LockError:  # not ours any more: it expired and another took it
+                log.warning("Lost the lock of %s: its reply will not be stored", conversation)
+                return
+            except REDIS_ERRORS as exc:
+                if clock() + RENEW_RETRY_SECONDS >= expires:
+                    log.warning(
+                        "The lock of %s could not be renewed before it expired (%s): "
+                        "its reply will not be stored",
+                        conversation,
+                        type(exc).__name__,
+                    )
+                    return
+                log.info("Renewing the lock of %s failed (%s); retrying", conversation, exc)
+                await asyncio.sleep(RENEW_RETRY_SECONDS)
+                continue
+            expires = sent + LOCK_SECONDS
+            break
 
 
 class Memory(Protocol):
@@ -136,14 +192,22 @@ class Memory(Protocol):
         conversation: ConversationKey,
         turns: Sequence[Turn],
         present: Collection[str] = (),
-    ) -> None:
+    ) -> bool:
         """Store turns at the end, keeping at most the configured number. `present`:
         the authors of turns already there, whose lists of conversations are renewed
-        with it (so that someone who stopped talking is still found by /forget)."""
+        with it (so that someone who stopped talking is still found by /forget).
+        Whether the turns are kept: False when a /forget since took them again, when
+        this process no longer holds the conversation's lock, or the store is down."""
         ...
 
     async def reset(self, conversation: ConversationKey) -> None:
         """Forget a conversation."""
+        ...
+
+    async def mark_forgotten(self, platform: str, user_id: str, at: float) -> None:
+        """Record that the person asked at `at` (epoch seconds) to be forgotten: a turn
+        of theirs sent before it and stored later is deleted as it is stored. Raises
+        when the store cannot answer."""
         ...
 
     async def conversations_of(self, platform: str, user_id: str) -> list[ConversationKey]:
@@ -151,10 +215,13 @@ class Memory(Protocol):
         cannot answer (a forget must not report success it did not have)."""
         ...
 
-    async def forget(self, conversation: ConversationKey, user_id: str) -> int:
-        """Remove the person's turns, and the replies to them, from a conversation, and
-        the conversation from their list (a turn stored later lists it again); how many
-        of their turns went. Raises when the store cannot answer."""
+    async def forget(
+        self, conversation: ConversationKey, user_id: str, before: float | None = None
+    ) -> int:
+        """Remove the person's turns sent before `before` (None: all), and the replies
+        to them, from a conversation, and the conversation from their list (a turn
+        stored later lists it again); how many of their turns went. Raises when the
+        store cannot answer."""
         ...
 
     def turn(self, conversation: ConversationKey) -> AbstractAsyncContextManager[None]:
@@ -182,6 +249,7 @@ class InProcessMemory:
         self._ttl = ttl_seconds
         self._store: dict[ConversationKey, tuple[float, deque[Turn]]] = {}
         self._personas: dict[str, str] = {}
+        self._forgotten: dict[tuple[str, str], float] = {}  # (platform, user) -> when
         self._last_sweep = time.monotonic()
 
     @property
@@ -195,6 +263,10 @@ class InProcessMemory:
         self._last_sweep = now
         for key in [k for k, (touched, _) in self._store.items() if now - touched > self._ttl]:
             del self._store[key]
+        # A mark outlives any message in flight when it was made.
+        old = time.time() - self._ttl
+        for person in [p for p, at in self._forgotten.items() if at < old]:
+            del self._forgotten[person]
 
     async def history(self, conversation: ConversationKey) -> list[Turn]:
         now = time.monotonic()
@@ -218,7 +290,7 @@ class InProcessMemory:
         conversation: ConversationKey,
         turns: Sequence[Turn],
         present: Collection[str] = (),
-    ) -> None:
+    ) -> bool:
         now = time.monotonic()
         entry = self._store.get(conversation)
         stored = entry[1] if entry and now - entry[0] <= self._ttl else None
@@ -226,9 +298,19 @@ class InProcessMemory:
             stored = deque(maxlen=self._max_turns)
         stored.extend(turns)
         self._store[conversation] = (now, stored)
+        kept = True
+        for author in authors(turns):
+            mark = self._forgotten.get((conversation.platform, author))
+            if mark is not None and any(forgotten_by(t, author, mark) for t in turns):
+                await self.forget(conversation, author, mark)
+                kept = False
+        return kept
 
     async def reset(self, conversation: ConversationKey) -> None:
         self._store.pop(conversation, None)
+
+    async def mark_forgotten(self, platform: str, user_id: str, at: float) -> None:
+        self._forgotten[(platform, user_id)] = max(at, self._forgotten.get((platform, user_id), at))
 
     async def conversations_of(self, platform: str, user_id: str) -> list[ConversationKey]:
         return [
@@ -237,11 +319,13 @@ class InProcessMemory:
             if key.platform == platform and user_id in authors(turns)
         ]
 
-    async def forget(self, conversation: ConversationKey, user_id: str) -> int:
+    async def forget(
+        self, conversation: ConversationKey, user_id: str, before: float | None = None
+    ) -> int:
         entry = self._store.get(conversation)
         if entry is None:
             return 0
-        kept, removed = without_author(entry[1], user_id)
+        kept, removed = without_author(entry[1], user_id, before)
         if removed:
             self._store[conversation] = (entry[0], deque(kept, maxlen=self._max_turns))
         return removed
@@ -257,7 +341,8 @@ class InProcessMemory:
 
 
 class RedisMemory:
-    """Conversation memory in Redis through redis.asyncio.
+    """Conversation memory in Redis through redis.asyncio, on one server or a Redis
+    Cluster (`cluster`; `open_memory` asks the server which).
 
     While Redis is unreachable, reads return no history and writes are dropped, so
     replies go on without memory; one warning per outage, one line when it is back.
@@ -271,11 +356,15 @@ class RedisMemory:
         *,
         timeout: float = 2.0,
         connection_class: type[aioredis.Connection] | None = None,
+        cluster: bool = False,
     ) -> None:
         self._max_turns = whole_exchanges(max_turns)
         self._ttl = ttl_seconds
-        self._redis = connect(url, timeout, connection_class)
+        self._redis = connect(url, timeout, connection_class, cluster=cluster)
         self._outages = Outages(url, "replying without memory")
+        # The conversations whose lock this process holds, with its token: the fence
+        # of every write there.
+        self._held: dict[ConversationKey, str] = {}
 
     @property
     def max_turns(self) -> int:
@@ -327,18 +416,22 @@ class RedisMemory:
         conversation: ConversationKey,
         turns: Sequence[Turn],
         present: Collection[str] = (),
-    ) -> None:
+    ) -> bool:
         if not turns:
-            return
+            return True
         token = append_key(conversation, uuid.uuid4().hex)
+        writers = sorted(authors(turns))
         try:
-            # One round trip; the author's set is in another slot, so not in the script.
+            # One round trip: the script, then the authors' sets (other slots), then
+            # their /forget marks, read after both (see the module's docstring).
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.eval(
                     APPEND,
-                    2,
+                    3,
+                    lock_key(conversation),
                     redis_key(conversation),
                     token,
+                    self._held.get(conversation, ""),
                     self._max_turns,
                     self._ttl,
                     APPEND_TOKEN_SECONDS,
@@ -348,41 +441,81 @@ class RedisMemory:
                     key = user_key(conversation.platform, author)
                     pipe.sadd(key, encode_conversation(conversation))
                     pipe.expire(key, self._ttl)
-                await pipe.execute()
+                for author in writers:
+                    pipe.get(forgotten_key(conversation.platform, author))
+                results = await pipe.execute()
+            if int(results[0]) < 0:
+                log.warning(
+                    "Not storing a reply in %s: this process no longer holds its lock "
+                    "(it expired, and another may have answered there since)",
+                    conversation,
+                )
+                return False
+            kept = True
+            marks = results[len(results) - len(writers) :]
+            for author, mark in zip(writers, marks, strict=True):
+                if mark is not None and any(forgotten_by(t, author, float(mark)) for t in turns):
+                    # Sent before their /forget and stored after it: taken again.
+                    await self.forget(conversation, author, float(mark))
+                    log.info("A message in %s was forgotten as it was stored", conversation)
+                    kept = False
         except REDIS_ERRORS as exc:
             self._outages.failed("store turns", exc)
-            return
+            return False
         self._outages.succeeded()
+        return kept
 
     async def reset(self, conversation: ConversationKey) -> None:
         try:
-            await self._redis.delete(redis_key(conversation))
+            fence = self._held.get(conversation, "")
+            done = await self._redis.eval(
+                RESET, 2, lock_key(conversation), redis_key(conversation), fence
+            )
         except REDIS_ERRORS as exc:
             self._outages.failed("reset a conversation", exc)
             return
         self._outages.succeeded()
+        if int(done) < 0:
+            log.warning("Not resetting %s: this process no longer holds its lock", conversation)
+
+    async def mark_forgotten(self, platform: str, user_id: str, at: float) -> None:
+        # Kept as long as memory keeps anything: far past any message still in flight.
+        await self._redis.set(forgotten_key(platform, user_id), repr(at), ex=self._ttl)
 
     async def conversations_of(self, platform: str, user_id: str) -> list[ConversationKey]:
         raw = await self._redis.smembers(user_key(platform, user_id))
         found = {decode_conversation(item) for item in raw}
         return sorted((c for c in found if c is not None), key=str)
 
-    async def forget(self, conversation: ConversationKey, user_id: str) -> int:
-        # Unlisted first: an append after this (under the conversation's lock, so after
-        # the script) lists the conversation again, and the next /forget finds it.
+    async def forget(
+        self, conversation: ConversationKey, user_id: str, before: float | None = None
+    ) -> int:
+        # Not fenced: taking a person's turns out is right after any other write, in
+        # any order, and must never be refused. Unlisted first: an append after this
+        # (under the conversation's lock, so after the script) lists the conversation
+        # again, and the next /forget finds it.
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.srem(user_key(conversation.platform, user_id), encode_conversation(conversation))
-            pipe.eval(FORGET, 1, redis_key(conversation), user_id)
+            pipe.eval(
+                FORGET,
+                2,
+                lock_key(conversation),
+                redis_key(conversation),
+                "",
+                user_id,
+                "" if before is None else repr(before),
+            )
             _, removed = await pipe.execute()
         return int(removed)
 
     @asynccontextmanager
     async def turn(self, conversation: ConversationKey) -> AsyncIterator[None]:
-        """A Redis lock per conversation (redis-py's: a token, so only its holder
+        """A Redis lock per conversation (redis-py's, with our token, so only its holder
         releases it), renewed while held and expiring if its process dies. With
         replicas behind a load balancer, two quick messages in one thread are then
         answered one after the other, each with the other's exchange in its history.
-        Redis unreachable, or a lock held past LOCK_WAIT_SECONDS: the reply goes on."""
+        Redis unreachable, or a lock held past LOCK_WAIT_SECONDS: the reply goes on
+        (unfenced: there is no lock to lose)."""
         lock = self._redis.lock(
             lock_key(conversation),
             timeout=LOCK_SECONDS,
@@ -390,18 +523,22 @@ class RedisMemory:
             blocking_timeout=LOCK_WAIT_SECONDS,
             thread_local=False,
         )
+        token = uuid.uuid4().hex
         try:
-            held = bool(await lock.acquire())
+            held = bool(await lock.acquire(token=token))
             if not held:
                 log.warning("Answering in %s without waiting longer for its lock", conversation)
         except REDIS_ERRORS as exc:
             self._outages.failed("order a conversation", exc)
             held = False
-        renewal = asyncio.create_task(_renew(lock)) if held else None
+        renewal = asyncio.create_task(_renew(lock, conversation)) if held else None
+        if held:
+            self._held[conversation] = token
         try:
             yield
         finally:
             if renewal is not None:
+                self._held.pop(conversation, None)
                 renewal.cancel()
                 with contextlib.suppress(*REDIS_ERRORS, LockError):
                     await lock.release()
@@ -424,15 +561,24 @@ async def open_memory(settings: Settings) -> Memory:
             "and will not survive a restart"
         )
         return InProcessMemory(settings.memory_max_turns, settings.memory_ttl_seconds)
+    url = settings.redis_url.get_secret_value()
+    try:
+        cluster = await is_cluster(url)
+    except REDIS_ERRORS as exc:
+        raise ConfigError(
+            f"Cannot reach Redis at {settings.redis_url_masked()} (REDIS_URL): {type(exc).__name__}"
+        ) from None
     memory = RedisMemory(
-        settings.redis_url.get_secret_value(),
-        settings.memory_max_turns,
-        settings.memory_ttl_seconds,
+        url, settings.memory_max_turns, settings.memory_ttl_seconds, cluster=cluster
     )
     try:
         await memory.check()
     except ConfigError:
         await memory.close()
         raise
-    log.info("Conversation memory in Redis at %s", settings.redis_url_masked())
+    log.info(
+        "Conversation memory in Redis %sat %s",
+        "Cluster " if cluster else "",
+        settings.redis_url_masked(),
+    )
     return memory

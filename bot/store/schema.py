@@ -11,10 +11,12 @@ per person of the conversations holding their turns, and a lock per conversation
                                                          "<thread>" | null], ...}
     chatbot:lock:{<platform>:<channel>}[:<thread>]  ->  the lock's token
     chatbot:append:{<platform>:<channel>}:<token>   ->  an append already done
+    chatbot:forgotten:{<platform>:<user id>}        ->  when they last used /forget
 
 each list element ``{"role": "user" | "assistant", "content": "...", "author_id": "...",
-"author_name": "..."}`` (the author only on user turns). The braces are Redis Cluster
-hash tags: a channel's keys share a slot, and no command ever spans two slots.
+"author_name": "...", "at": <epoch seconds sent>}`` (author and time only on user
+turns). The braces are Redis Cluster hash tags: a channel's keys share a slot, and no
+command ever spans two slots; a person's set and /forget mark share theirs.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ PERSONA_PREFIX = "chatbot:persona:"
 APPEND_PREFIX = "chatbot:append:"
 LOCK_PREFIX = "chatbot:lock:"
 USER_PREFIX = "chatbot:user:"
+FORGOTTEN_PREFIX = "chatbot:forgotten:"
 
 
 def whole_exchanges(max_turns: int) -> int:
@@ -59,6 +62,11 @@ def user_key(platform: str, user_id: str) -> str:
     return f"{USER_PREFIX}{{{platform}:{user_id}}}"
 
 
+def forgotten_key(platform: str, user_id: str) -> str:
+    """The time of the person's last /forget; in their list's slot."""
+    return f"{FORGOTTEN_PREFIX}{{{platform}:{user_id}}}"
+
+
 def encode_conversation(conversation: ConversationKey) -> str:
     return json.dumps([conversation.platform, conversation.channel, conversation.thread])
 
@@ -77,14 +85,24 @@ def authors(turns: Sequence[Turn]) -> set[str]:
     return {turn.author_id for turn in turns if turn.role == "user" and turn.author_id}
 
 
-def without_author(turns: Sequence[Turn], author_id: str) -> tuple[list[Turn], int]:
-    """`turns` without the author's user turns and the replies to them (what FORGET
-    does in Redis), and how many of their turns went."""
+def forgotten_by(turn: Turn, author_id: str, before: float | None) -> bool:
+    """Whether a /forget by `author_id` at `before` (None: whenever) takes `turn`: their
+    user turns sent before it (and any of theirs stored without a time)."""
+    if turn.role != "user" or turn.author_id != author_id:
+        return False
+    return before is None or turn.sent_at is None or turn.sent_at <= before
+
+
+def without_author(
+    turns: Sequence[Turn], author_id: str, before: float | None = None
+) -> tuple[list[Turn], int]:
+    """`turns` without the author's user turns sent before `before` and the replies to
+    them (what FORGET does in Redis), and how many of their turns went."""
     kept: list[Turn] = []
     removed = 0
     drop_reply = False
     for turn in turns:
-        if turn.role == "user" and turn.author_id == author_id:
+        if forgotten_by(turn, author_id, before):
             removed += 1
             drop_reply = True
         elif turn.role == "assistant" and drop_reply:
@@ -106,9 +124,11 @@ def lock_key(conversation: ConversationKey) -> str:
 
 
 def encode_turn(turn: Turn) -> str:
-    data = {"role": turn.role, "content": turn.content}
+    data: dict[str, str | float] = {"role": turn.role, "content": turn.content}
     if turn.author_id:
         data |= {"author_id": turn.author_id, "author_name": turn.author_name}
+    if turn.sent_at is not None:
+        data["at"] = turn.sent_at
     return json.dumps(data, ensure_ascii=False)
 
 
@@ -121,10 +141,11 @@ def decode_turn(raw: str | bytes) -> Turn | None:
         return None
     if role not in ("user", "assistant") or not isinstance(content, str):
         return None
-    author_id, author_name = data.get("author_id"), data.get("author_name")
+    author_id, author_name, at = data.get("author_id"), data.get("author_name"), data.get("at")
     return Turn(
         role=role,
         content=content,
         author_id=author_id if isinstance(author_id, str) else "",
         author_name=author_name if isinstance(author_name, str) else "",
+        sent_at=float(at) if isinstance(at, int | float) and not isinstance(at, bool) else None,
     )
