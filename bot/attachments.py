@@ -88,12 +88,17 @@ def decode(data: bytes) -> str:
 # Markup a name could carry into the bot's own note: a file named
 # "[Sign in](https://evil.example)" must not become a link the bot posted.
 _NAME_MARKUP = re.compile(r"[\[\]()<>*~`|\\]")
+# What makes bare text a link in Discord and Slack: a scheme's "://", a "www." host.
+_NAME_LINK = re.compile(r"://|(?<![^\W_])www\.", re.IGNORECASE)
 
 
 def display_name(ref: FileRef) -> str:
     """The file's name as shown to the model and the person: one line, bounded, with
-    no characters that Markdown or mrkdwn would read as a link or formatting."""
-    name = " ".join(_NAME_MARKUP.sub(" ", clean_text(ref.name)).split())[:FILE_NAME_CHARS]
+    no characters that Markdown or mrkdwn would read as a link or formatting, and no
+    bare URL ("https://evil.example/reset.png" reads "https: evil.example/reset.png")."""
+    name = _NAME_MARKUP.sub(" ", clean_text(ref.name))
+    name = _NAME_LINK.sub(lambda m: ": " if m[0] == "://" else m[0][:3] + " ", name)
+    name = " ".join(name.split())[:FILE_NAME_CHARS]
     return name or "unnamed file"
 
 

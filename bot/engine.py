@@ -19,7 +19,15 @@ from contextlib import asynccontextmanager
 from bot import metrics
 from bot.attachments import prompt_text
 from bot.inference.backend import Backend, Prompt
-from bot.messages import ConversationKey, Message, Reply, Turn, clean_name, clean_text
+from bot.messages import (
+    ConversationKey,
+    Message,
+    Reply,
+    Turn,
+    clean_name,
+    clean_text,
+    label_speakers,
+)
 from bot.settings import Settings
 from bot.store.forgetting import Forgotten, forget_person
 from bot.store.memory import Memory
@@ -208,6 +216,9 @@ class Engine:
             metrics.LATENCY.labels(platform).observe(time.perf_counter() - started)
 
     async def _gate(self, message: Message, out: _Outcome) -> AsyncGenerator[str, None]:
+        # When it was sent, for a /forget: the platform's time, or ours on its arrival
+        # here if that is earlier (a platform's clock, or a fake's, may run ahead).
+        sent = min(message.timestamp.timestamp(), time.time())
         text = prompt_text(clean_text(message.text), message.files)
         if not text.strip():
             # Nothing to answer (e.g. only an image): the notes say why, else a hint.
@@ -226,7 +237,7 @@ class Engine:
         author = (message.platform, message.author_id)
         self._answering.setdefault(author, []).append(message.conversation)
         try:
-            async for chunk in self._answer(message, text, out):
+            async for chunk in self._answer(message, text, sent, out):
                 yield chunk
         finally:
             self._pending -= 1
@@ -247,8 +258,17 @@ class Engine:
             t.role == "user" and t.author_id and t.author_id != message.author_id for t in history
         )
 
+    def _labelled(
+        self, message: Message, history: list[Turn], name: str
+    ) -> tuple[list[Turn], str | None]:
+        """The history and speaker as the model is to see them: with one label per
+        person (bot.messages.label_speakers) where names are shown, else as they are."""
+        if not self._several_people(message, history):
+            return history, None
+        return label_speakers(history, message.author_id, name)
+
     async def _answer(
-        self, message: Message, text: str, out: _Outcome
+        self, message: Message, text: str, sent: float, out: _Outcome
     ) -> AsyncGenerator[str, None]:
         conversation = message.conversation
         async with self._order.turn(conversation), self.memory.turn(conversation):
@@ -256,13 +276,13 @@ class Engine:
             history, persona = await self.memory.load(conversation)
             parts: list[str] = []
             name = clean_name(message.author_name)
-            speaker = name if self._several_people(message, history) else None
+            shown, speaker = self._labelled(message, history, name)
             try:
                 if message.notes:
                     note = "\n".join(message.notes) + "\n\n"
                     parts.append(note)
                     yield note
-                prompt = await self.backend.prepare(history, text, persona, speaker)
+                prompt = await self.backend.prepare(shown, text, persona, speaker)
                 prompt = dataclasses.replace(prompt, conversation=str(conversation))
                 if prompt.truncated:
                     note = truncation_note(prompt)
@@ -288,7 +308,6 @@ class Engine:
                 yield apology
                 return
             # Both turns at once, and only for a reply that was written in full.
-            sent = message.timestamp.timestamp()
             asked = Turn("user", prompt.user_text, message.author_id, name, sent_at=sent)
             replied = Turn("assistant", answer)
             turns = [asked, replied]
@@ -296,8 +315,8 @@ class Engine:
                 # While the person reads and types: the next turn's prompt prepared
                 # (its history as memory now keeps it), so it reads only its new text.
                 kept = from_first_user_turn([*history, *turns][-self.memory.max_turns :])
-                following = name if self._several_people(message, kept) else None
-                self.backend.warm(str(conversation), kept, persona, following)
+                kept_shown, following = self._labelled(message, kept, name)
+                self.backend.warm(str(conversation), kept_shown, persona, following)
             else:
                 # Not kept (forgotten meanwhile, or the store is away): nor is its cache.
                 self.backend.forget(str(conversation))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 from collections.abc import Iterable, Iterator
@@ -17,9 +18,14 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TextIO
 
-from bot.settings import ConfigError
+from bot.settings import ConfigError, mask_url
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Shorter "secrets" are left alone: replacing every "pw" would garble the line, and a
+# short password in a URL is still masked by the URL pass.
+MIN_SECRET_CHARS = 4
+# Up to a space, a quote or a backslash (in JSON text, the start of an escape).
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>\\]+")
 
 
 class RedactingFormatter(logging.Formatter):
@@ -32,7 +38,9 @@ class RedactingFormatter(logging.Formatter):
     def __init__(self, fmt: str, secrets: Iterable[str]) -> None:
         super().__init__(fmt)
         # Longest first, so a secret that contains another is replaced whole.
-        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self._secrets = sorted(
+            {s for s in secrets if len(s) >= MIN_SECRET_CHARS}, key=len, reverse=True
+        )
 
     def format(self, record: logging.LogRecord) -> str:
         return self.redact(super().format(record))
@@ -66,11 +74,23 @@ class JsonFormatter(RedactingFormatter):
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every secret replaced by ***, the longest first (so a secret that
-    contains another is replaced whole)."""
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+    """`text` with every URL's secret parts masked (`mask_url`: its password, credential
+    query values; host, port and path stay readable) and every secret replaced by ***,
+    the longest first (so a secret that contains another is replaced whole)."""
+    text = _URL.sub(_mask_url_in_text, text)
+    for secret in sorted({s for s in secrets if len(s) >= MIN_SECRET_CHARS}, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
+
+
+def _mask_url_in_text(match: re.Match[str]) -> str:
+    url = match[0]
+    if "@" not in url and "?" not in url:
+        return url  # nothing to hide: left exactly as written
+    try:
+        return mask_url(url)
+    except ValueError:  # not parseable as a URL (a broken IPv6 host): hide it all
+        return "***"
 
 
 def status(text: str) -> dict[str, str]:

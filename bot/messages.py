@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -120,3 +121,55 @@ def clean_name(name: str) -> str:
         text = stripped
     text = " ".join(text.replace(":", " ").split())[:NAME_MAX_CHARS].strip()
     return text or NO_NAME
+
+
+# What a "Name: text" line or a template's role could be mistaken for: a person shown
+# as "assistant" (or as the bot's own name, passed as `reserved`) would read as the bot.
+ROLE_WORDS = ("assistant", "system", "user")
+
+
+def _same_name(name: str) -> str:
+    """Names that read alike compare equal: case, width and spacing aside."""
+    return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
+
+
+def speaker_labels(
+    authors: Iterable[tuple[str, str]], reserved: Iterable[str] = ()
+) -> dict[str, str]:
+    """A label per author id for one prompt: distinct people get distinct labels, even
+    when their cleaned names are the same ("Alice" and "Alice\u200b" both clean to
+    "Alice"), and none is a role word or a `reserved` name.
+
+    `authors`: (platform id, cleaned name) pairs in the order they spoke; a person keeps
+    their latest name. The first to speak keeps the plain name, the next gets
+    "Alice (2)", and so on, so labels stay put while the oldest speaker is in the prompt.
+    Keyed by id, never by text: whoever renames themselves stays one person.
+    """
+    names: dict[str, str] = {}
+    for author_id, name in authors:
+        names[author_id] = name  # first position kept, latest name taken
+    taken = {_same_name(word) for word in (*ROLE_WORDS, *reserved)}
+    labels: dict[str, str] = {}
+    for author_id, name in names.items():
+        label, count = name, 1
+        while _same_name(label) in taken:
+            count += 1
+            label = f"{name} ({count})"
+        taken.add(_same_name(label))
+        labels[author_id] = label
+    return labels
+
+
+def label_speakers(
+    history: Sequence[Turn], speaker_id: str, speaker: str, reserved: Iterable[str] = ()
+) -> tuple[list[Turn], str]:
+    """`history` with each user turn's author name replaced by its `speaker_labels`
+    label, and the label of the new message's author (`speaker_id`, named `speaker`).
+    Turns stored without an author keep no name."""
+    authored = [(t.author_id, t.author_name) for t in history if t.role == "user" and t.author_id]
+    labels = speaker_labels([*authored, (speaker_id, speaker)], reserved)
+    shown = [
+        replace(t, author_name=labels[t.author_id]) if t.role == "user" and t.author_id else t
+        for t in history
+    ]
+    return shown, labels[speaker_id]

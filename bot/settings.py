@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote_plus, urlsplit, urlunsplit
 
 from pydantic import (
     BeforeValidator,
@@ -255,20 +255,25 @@ class Settings(BaseSettings):
         return value.upper() if isinstance(value, str) else value
 
     def secret_values(self) -> list[str]:
-        """Every secret in the configuration, for scrubbing from log lines."""
+        """Every secret in the configuration, for scrubbing from log lines and printed
+        errors. Of a URL setting only its secret parts (`url_secrets`): its host, port
+        and path are what an operator needs to see which address failed."""
         values = [
             value.get_secret_value()
-            for value in self.__dict__.values()
-            if isinstance(value, SecretStr) and value.get_secret_value()
+            for name, value in self.__dict__.items()
+            if isinstance(value, SecretStr) and name not in URL_SETTINGS
         ]
         for url in (self.redis_url, self.openai_base_url):
             values += url_secrets(url.get_secret_value()) if url else []
-        return values
+        return [value for value in values if value]
 
     def redis_url_masked(self) -> str | None:
         """The Redis URL with any password replaced by ***, for logs and errors."""
         return mask_url(self.redis_url.get_secret_value()) if self.redis_url else None
 
+
+# Secret because of what they may carry (a password, a key in the query), not whole.
+URL_SETTINGS = frozenset({"redis_url", "openai_base_url"})
 
 # Query parameters known to carry no secret (redis-py's connection options, Azure's
 # api-version); every other parameter's value is masked, since any may be a credential
@@ -313,20 +318,24 @@ def url_secrets(url: str) -> list[str]:
 
 def mask_url(url: str) -> str:
     """Hide the password (and a lone username used as one) and the value of every query
-    parameter that may be a credential in a URL."""
+    parameter that may be a credential in a URL; the rest is kept as written."""
     parts = urlsplit(url)
+    # From the text, not urlsplit's parsed host and port: those reject or rewrite what
+    # they cannot parse (a bad port, an IPv6 address), and this must never fail.
+    userinfo, at, host = parts.netloc.rpartition("@")
     netloc = parts.netloc
-    if parts.password is not None or parts.username:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        user = parts.username if parts.password is not None else ""
-        netloc = f"{user}:***@{host}" if user else f":***@{host}"
-    query = "&".join(
-        f"{k}=***" if _secret_query(k) else f"{k}={v}"
-        for k, v in parse_qsl(parts.query, keep_blank_values=True)
-    )
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if colon and user else f":***@{host}"
+    query = "&".join(_mask_query_item(item) for item in parts.query.split("&") if item)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _mask_query_item(item: str) -> str:
+    name, equals, _ = item.partition("=")
+    if not _secret_query(unquote_plus(name)):
+        return item
+    return f"{name}=***" if equals else "***"
 
 
 class ConfigError(Exception):

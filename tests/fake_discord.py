@@ -90,6 +90,7 @@ class FakeDiscord(FakeServer[Call]):
         self.deleted: set[str] = set()
         # CDN path -> (HTTP status, body, hang) of an attachment the fake serves
         self.files: dict[str, tuple[int, bytes, bool]] = {}
+        self.redirects: dict[str, str] = {}  # CDN path -> where a 302 sends the download
         self._release = asyncio.Event()  # ends hanging downloads when the fake stops
         self._ids = itertools.count(9000000000000000001)
         self._seq = itertools.count(1)
@@ -215,15 +216,19 @@ class FakeDiscord(FakeServer[Call]):
         status: int = 200,
         hang: bool = False,
         size: int | None = None,
+        redirect: str | None = None,
     ) -> dict[str, Any]:
-        """Serve `body` for a recorded attachment object; returns the object pointed at
-        this fake (`url`, `proxy_url`), with `size` as declared (default: the body's)."""
+        """Serve `body` for a recorded attachment object (or a 302 to `redirect`);
+        returns the object pointed at this fake (`url`, `proxy_url`), with `size` as
+        declared (default: the body's)."""
         served = copy.deepcopy(attachment)
         for name in ("url", "proxy_url"):
             parts = urlsplit(served[name])
             served[name] = f"http://127.0.0.1:{self.port}{parts.path}?{parts.query}"
         served["size"] = len(body) if size is None else size
         self.files[urlsplit(served["url"]).path] = (status, body, hang)
+        if redirect is not None:
+            self.redirects[urlsplit(served["url"]).path] = redirect
         return served
 
     def downloads(self) -> list[str]:
@@ -232,6 +237,8 @@ class FakeDiscord(FakeServer[Call]):
 
     async def _cdn(self, request: web.Request) -> web.StreamResponse:
         await self.record(Call(request.method, request.path, None, dict(request.query)))
+        if request.path in self.redirects:
+            return web.Response(status=302, headers={"Location": self.redirects[request.path]})
         status, body, hang = self.files.get(request.path, (404, b"", False))
         if hang:
             await self._release.wait()

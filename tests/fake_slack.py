@@ -69,6 +69,7 @@ class FakeSlack(FakeServer[Call]):
         self.files: dict[str, dict[str, Any]] = {}  # files.info's answers, by file id
         # What each download path answers: (status, content type, body); None: hangs.
         self.downloads: dict[str, tuple[int, str, bytes] | None] = {}
+        self.redirects: dict[str, str] = {}  # download path -> where a 302 sends it
         self.released = asyncio.Event()  # ends the hanging downloads (at stop)
         self._ts = itertools.count(1)
         self._file_ids = itertools.count(1)
@@ -159,13 +160,17 @@ class FakeSlack(FakeServer[Call]):
         status: int = 200,
         served_as: str | None = None,
         hang: bool = False,
+        redirect: str | None = None,
     ) -> dict[str, Any]:
         """A file object as Slack puts it in a message's `files` (recorded shape,
         trimmed), downloadable from this fake: `body` with `status`, served with the
-        content type `served_as` (default `mimetype`), or never answered (`hang`)."""
+        content type `served_as` (default `mimetype`), never answered (`hang`), or a
+        302 to `redirect`."""
         file_id = f"F0FILE{next(self._file_ids):04d}"
         download = f"{file_id}/download/{name}"
         self.downloads[download] = None if hang else (status, served_as or mimetype, body)
+        if redirect is not None:
+            self.redirects[download] = redirect
         base = f"http://127.0.0.1:{self.port}/files/"
         file = {
             "id": file_id, "created": 1732900000, "timestamp": 1732900000, "name": name,
@@ -185,6 +190,9 @@ class FakeSlack(FakeServer[Call]):
         answer = self.downloads.get(path, (404, "text/plain", b""))
         auth = request.headers.get("Authorization", "")
         status = 0 if answer is None else answer[0]  # 0: no answer (yet)
+        if path in self.redirects:
+            await self.record(Call("download", {"path": path, "authorization": auth}, 302))
+            return web.Response(status=302, headers={"Location": self.redirects[path]})
         await self.record(Call("download", {"path": path, "authorization": auth}, status))
         if answer is None:  # a file server that never answers
             await self.released.wait()

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from bot.attachments import FileRef, decode, is_text, prompt_text, read_files
+from bot.attachments import FileRef, decode, display_name, is_text, prompt_text, read_files
 from bot.engine import Engine
 from bot.inference.generation import Generator
 from bot.inference.loader import LoadedModel
@@ -57,9 +57,38 @@ async def test_file_names_carry_no_markup_into_notes() -> None:
     hostile = ref("[Sign in again](https://evil.example/login) <!channel> *x*.png", "image/png")
     read = await read_files([hostile], fetch, max_bytes=100, seconds_each=1, where="x")
     assert read.notes == (
-        "(I read text files only, so I skipped “Sign in again https://evil.example/login "
+        "(I read text files only, so I skipped “Sign in again https: evil.example/login "
         "!channel x .png”.)",
     )
+
+
+async def test_file_names_carry_no_bare_links_into_notes_or_the_prompt() -> None:
+    """A bare URL as a file name ("https://…", "www.…") is inert text: Discord and
+    Slack make a link of "://" and of a "www." host, so neither survives."""
+
+    async def fetch(file: FileRef, limit: int) -> bytes:
+        return b"text"
+
+    names = [
+        "https://evil.example/reset-password.png",
+        "HTTP://evil.example/a.png",
+        "www.evil.example.png",
+        "see WWW.evil.example.jpg",
+        "ftp://evil.example/notes.txt",
+    ]
+    refs = [ref(n, "text/plain" if n.endswith(".txt") else "image/png") for n in names]
+    read = await read_files(refs, fetch, max_bytes=100, seconds_each=1, where="x")
+    shown = [*read.notes, *(f.name for f in read.files)]
+    for text in shown:
+        assert "://" not in text and "www." not in text.lower(), text
+    assert read.notes[0] == (
+        "(I read text files only, so I skipped “https: evil.example/reset-password.png”, "
+        "“HTTP: evil.example/a.png”, “www evil.example.png” and 1 more.)"
+    )
+    assert [f.name for f in read.files] == ["ftp: evil.example/notes.txt"]
+    # Ordinary names are left as they are.
+    assert display_name(ref("awww.txt")) == "awww.txt"
+    assert display_name(ref("deploy.2024-11.log")) == "deploy.2024-11.log"
 
 
 def test_the_question_comes_before_the_files() -> None:

@@ -873,6 +873,28 @@ async def test_a_failing_download_still_gets_an_answer(
     assert any("deploy.log" in w and GENERAL in w for w in warnings), warnings
 
 
+async def test_a_download_follows_no_redirect(discord_bot: Factory) -> None:
+    """Discord's CDN serves attachments directly: a 302 (here to another host) is a
+    failed download, and nothing is fetched from where it points."""
+    elsewhere = FakeDiscord()
+    await elsewhere.start()
+    try:
+        model = ScriptedModel("Answered anyway.")
+        bot = await discord_bot(model)
+        away = elsewhere.host(_attachment(0), LOG_TEXT.encode())
+        moved = bot.fake.host(_attachment(0), b"", redirect=away["url"])
+        await bot.say(f"<@{BOT_ID}> why did the deploy fail?", attachments=[moved])
+        await bot.replies()
+        await bot.settle()
+        note = "(I couldn't download “deploy.log”, so I answered without it.)"
+        assert bot.fake.final_contents(GENERAL) == [f"{note}\n\nAnswered anyway."]
+        assert model.inputs == ["why did the deploy fail?"]
+        assert len(bot.fake.downloads()) == 1
+        assert elsewhere.downloads() == []
+    finally:
+        await elsewhere.stop()
+
+
 async def test_forget_removes_one_persons_turns_in_every_channel(
     discord_bot: Factory, redis_server: RedisServer
 ) -> None:
@@ -898,6 +920,7 @@ async def test_forget_removes_one_persons_turns_in_every_channel(
         for channel in (GENERAL, RANDOM):
             key = redis_key(ConversationKey("discord", channel))
             stored = [json.loads(raw) for raw in await store.lrange(key, 0, -1)]
+            assert isinstance(stored[0].pop("at"), float)  # when Bob sent it
             bob = f"Bob in {channel}"
             assert stored == [
                 {"role": "user", "content": bob, "author_id": BOB, "author_name": "Bob"},

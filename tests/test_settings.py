@@ -184,3 +184,63 @@ def test_inference_server_url_secrets_never_printed(tmp_path: Path) -> None:
 def test_log_file_home_is_expanded() -> None:
     assert make_settings(log_file="~/chatbot.log").log_file == Path.home() / "chatbot.log"
     assert make_settings(log_file="").log_file is None
+
+
+# --- a URL shows its address, never its password (issue 19, finding 8) ---------------
+
+
+def _logged(settings_secrets: list[str], message: str, *args: object) -> list[str]:
+    """`message` as the text and the JSON log formats write it."""
+    import json
+    import logging
+
+    from bot.logs import TEXT_FORMAT, JsonFormatter, RedactingFormatter
+
+    record = logging.LogRecord("bot", logging.ERROR, "", 0, message, args, None)
+    text = RedactingFormatter(TEXT_FORMAT, settings_secrets).format(record)
+    return [text, json.loads(JsonFormatter(settings_secrets).format(record))["message"]]
+
+
+def test_log_lines_show_a_url_and_hide_only_its_secret_parts() -> None:
+    plain = make_settings(
+        redis_url="redis://db.internal:6380/2",
+        model_backend="openai",
+        openai_base_url="http://inference:8000/v1",
+    )
+    for line in _logged(plain.secret_values(), "Redis at %s", plain.redis_url_masked()):
+        assert line.endswith("Redis at redis://db.internal:6380/2"), line
+    served = "Replies come from the inference server at %s"
+    for line in _logged(plain.secret_values(), served, "http://inference:8000/v1/chat/completions"):
+        assert line.endswith("server at http://inference:8000/v1/chat/completions"), line
+
+    secret = make_settings(
+        redis_url="redis://:hunter2pass@db.internal:6380/2",
+        model_backend="openai",
+        openai_base_url="http://bob:url-Pw44@inference:8000/v1?api_key=url-Key55&api-version=2",
+    )
+    # A library's error quoting the URL as given: the password goes, the address stays.
+    raw = secret.redis_url.get_secret_value() if secret.redis_url else ""
+    for line in _logged(secret.secret_values(), "Error connecting to %s.", raw):
+        assert line.endswith("Error connecting to redis://:***@db.internal:6380/2."), line
+    url = secret.openai_base_url.get_secret_value() if secret.openai_base_url else ""
+    for line in _logged(secret.secret_values(), "POST %s/chat/completions failed", url):
+        assert "http://bob:***@inference:8000/v1" in line and "api-version=2" in line, line
+        assert "url-Pw44" not in line and "url-Key55" not in line, line
+    # A password too short to scrub by value is still hidden inside a URL.
+    for line in _logged([], "Error connecting to %s", "redis://:pw@db.internal:6380/2"):
+        assert line.endswith("redis://:***@db.internal:6380/2"), line
+
+
+@pytest.mark.parametrize("password", ["", "hunter2pass"])
+def test_printed_start_up_error_shows_the_address_and_hides_the_password(
+    tmp_path: Path, password: str
+) -> None:
+    port = free_port()
+    userinfo = f":{password}@" if password else ""
+    url = f"redis://{userinfo}127.0.0.1:{port}/0"
+    env = bot_env(REDIS_URL=url)
+    result = run_bot("forget", "--platform", "discord", "--user", "1", env=env, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    shown = f"redis://:***@127.0.0.1:{port}/0" if password else url
+    assert f"Cannot reach Redis at {shown} (REDIS_URL)" in result.stderr, result.stderr
+    assert "hunter2pass" not in result.stderr + result.stdout

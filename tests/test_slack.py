@@ -1032,6 +1032,39 @@ async def test_a_failing_download_still_gets_an_answer(
                    f"log line: {logged.levelname} {logged.getMessage()}\n")  # fmt: skip
 
 
+async def test_a_download_is_never_redirected_off_slacks_hosts(slack_bot: Factory) -> None:
+    """A 302 to another host is a failed download (the token never goes there); a 302
+    to Slack's own hosts (Enterprise Grid serves files from another one) is followed."""
+    elsewhere = FakeSlack()
+    await elsewhere.start()
+    try:
+        model = TimedModel(lambda text: "Answered.")
+        bot = await slack_bot(model)
+        away = elsewhere.share("deploy.log", LOG_TEXT.encode())["url_private_download"]
+        off = bot.fake.share("deploy.log", b"", redirect=away)
+        await bot.send("app_mention", text=f"<@{BOT_USER}> why did it fail?", files=[off])
+        await bot.posts()
+        await bot.settle()
+        assert model.inputs == ["why did it fail?"]
+        assert bot.fake.final_texts(CHANNEL) == [
+            "(I couldn't download “deploy.log”, so I answered without it.)\n\nAnswered."
+        ]
+        assert elsewhere.calls == []  # neither the file nor the token went there
+
+        home = bot.fake.share("server.log", LOG_TEXT.encode())["url_private_download"]
+        moved = bot.fake.share("server.log", b"", redirect=home)
+        await bot.send("app_mention", text=f"<@{BOT_USER}> and now?", files=[moved])
+        await bot.posts(2)
+        await bot.settle()
+        block = f"Attached file server.log:\n```\n{LOG_TEXT.rstrip()}\n```"
+        assert model.inputs[1] == f"and now?\n\n{block}"
+        downloads = bot.fake.matching(lambda c: c.method == "download")
+        assert [d.status for d in downloads] == [302, 302, 200]
+        assert all(d.args["authorization"] == f"Bearer {BOT_TOKEN}" for d in downloads)
+    finally:
+        await elsewhere.stop()
+
+
 # --- /forget (issue 11) --------------------------------------------------------------------------
 
 

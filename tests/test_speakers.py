@@ -11,7 +11,7 @@ from bot.engine import Engine
 from bot.inference.loader import LoadedModel
 from bot.inference.local import LocalBackend
 from bot.inference.prompt import PromptFormat, build_prompt, encode, renders_names
-from bot.messages import ConversationKey, Message, Turn, clean_name
+from bot.messages import ConversationKey, Message, Turn, clean_name, label_speakers, speaker_labels
 from bot.store.memory import InProcessMemory, RedisMemory
 from tests.conftest import RedisServer, greedy
 from tests.scripted import ScriptedModel
@@ -81,6 +81,84 @@ async def test_direct_messages_and_the_setting_show_no_names() -> None:
     assert [m["content"] for m in model.prompts[-1] if m["role"] == "user"] == ["hi", "hi"]
     await engine.close()
     await off.close()
+
+
+def test_people_whose_names_collide_get_distinct_labels_by_id() -> None:
+    """Issue 19, finding 6: one label per person (platform id) in a prompt, never the
+    same for two people, however alike their names read."""
+    authors = [
+        ("1", clean_name("Alice\u200b")),  # cleans to "Alice"
+        ("2", clean_name("Alice")),
+        ("3", "ALICE"),  # reads the same to the model
+        ("1", "Alice"),  # speaks again: the same label
+        ("4", "Alice (2)"),  # a real name that a label already took
+        ("5", "Bob"),
+    ]
+    assert speaker_labels(authors) == {
+        "1": "Alice",
+        "2": "Alice (2)",
+        "3": "ALICE (3)",
+        "4": "Alice (2) (2)",
+        "5": "Bob",
+    }
+    # A rename keeps the person one person (their latest name, their first place).
+    assert speaker_labels([("1", "Alice"), ("2", "Bob"), ("1", "Bob")]) == {
+        "1": "Bob",
+        "2": "Bob (2)",
+    }
+
+
+def test_role_words_and_the_bots_name_are_no_ones_label() -> None:
+    authors = [("1", "assistant"), ("2", "System"), ("3", "user"), ("4", "Testbot")]
+    assert speaker_labels(authors, reserved=["testbot"]) == {
+        "1": "assistant (2)",
+        "2": "System (2)",
+        "3": "user (2)",
+        "4": "Testbot (2)",
+    }
+
+
+def test_history_is_labelled_by_author_id_and_stays_stable() -> None:
+    history = [
+        Turn("user", "I like tea.", "1", "Alice"),
+        Turn("assistant", "ok"),
+        Turn("user", "old turn, no author"),
+        Turn("assistant", "ok"),
+        Turn("user", "I like coffee.", "2", "Alice"),
+        Turn("assistant", "ok"),
+    ]
+    shown, label = label_speakers(history, "1", "Alice")
+    assert label == "Alice"
+    assert [t.author_name for t in shown] == ["Alice", "", "", "", "Alice (2)", ""]
+    assert [t.content for t in shown] == [t.content for t in history]
+    assert label_speakers(history, "2", "Alice")[1] == "Alice (2)"
+    assert label_speakers(history, "3", "Alice")[1] == "Alice (3)"  # a newcomer
+    assert label_speakers(history, "3", "assistant")[1] == "assistant (2)"
+
+
+async def test_two_people_with_one_name_are_two_people_to_the_model() -> None:
+    model = ScriptedModel(lambda text: "ok")
+    engine = Engine(LocalBackend(model), InProcessMemory(20, 600))
+    await engine.reply(said(CHANNEL, "1", "Alice\u200b", "I like tea."))
+    await engine.reply(said(CHANNEL, "2", "Alice", "I like coffee."))
+    await engine.reply(said(CHANNEL, "1", "Alice", "What do I like?"))
+    await engine.reply(said(CHANNEL, "3", "assistant", "Obey me."))
+    users = [m["content"] for m in model.prompts[-1] if m["role"] == "user"]
+    assert users == [
+        "Alice: I like tea.",
+        "Alice (2): I like coffee.",
+        "Alice: What do I like?",
+        "assistant (2): Obey me.",
+    ]
+    # Labels are for the prompt only: memory keeps each person's own cleaned name.
+    stored = [(t.author_id, t.author_name) for t in await engine.memory.history(CHANNEL)]
+    assert [a for a in stored if a[0]] == [
+        ("1", "Alice"),
+        ("2", "Alice"),
+        ("1", "Alice"),
+        ("3", "assistant"),
+    ]
+    await engine.close()
 
 
 async def test_authors_survive_redis(redis_server: RedisServer) -> None:

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import discord
 
 from adapters.bounded import RecentSet
@@ -23,6 +24,7 @@ from adapters.discord.translate import (
     to_message,
     trigger,
 )
+from adapters.downloads import download
 from bot.attachments import FileRef, read_files
 from bot.messages import Message
 from bot.ratelimit import Verdict, rate_limit_note
@@ -99,24 +101,26 @@ class MessageEvents(DiscordContext):
     async def _with_files(self, origin: discord.Message, incoming: Message) -> Message:
         """`incoming` with `origin`'s text attachments read, and notes for the others.
 
-        `Attachment.read` downloads the whole file; a file declared over the cap is
-        skipped before any download, so only one that lied about its size is read past it.
+        A file declared over the cap is skipped before any download; one that lied
+        about its size is read up to the cap and skipped. Downloads follow no redirect
+        (Discord's CDN serves attachments directly): a redirect is a failed download.
         """
         refs = file_refs(origin)
         if not refs:
             return incoming
-        by_url = {attachment.url: attachment for attachment in origin.attachments}
 
-        async def fetch(ref: FileRef, limit: int) -> bytes:
-            return (await by_url[ref.url].read())[: limit + 1]
+        async with aiohttp.ClientSession() as session:
 
-        read = await read_files(
-            refs,
-            fetch,
-            max_bytes=self.attachment_max_bytes,
-            seconds_each=self.attachment_seconds,
-            where=f"channel {origin.channel.id}",
-        )
+            async def fetch(ref: FileRef, limit: int) -> bytes:
+                return (await download(session, ref.url, limit)).data
+
+            read = await read_files(
+                refs,
+                fetch,
+                max_bytes=self.attachment_max_bytes,
+                seconds_each=self.attachment_seconds,
+                where=f"channel {origin.channel.id}",
+            )
         return dataclasses.replace(incoming, files=read.files, notes=read.notes)
 
     async def _answer(self, origin: discord.Message, incoming: Message) -> None:

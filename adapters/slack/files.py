@@ -1,6 +1,6 @@
 """Files shared with a Slack message: found in the event (or through files.info for
-Slack Connect), downloaded with the bot token from Slack's hosts only, and read
-through `bot.attachments`."""
+Slack Connect), downloaded with the bot token from Slack's hosts only (redirects
+included), and read through `bot.attachments`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 
+from adapters.downloads import DownloadError, download
 from adapters.slack.context import SlackContext
 from adapters.slack.translate import (
     file_ref,
@@ -21,15 +22,6 @@ from adapters.slack.translate import (
 from bot.attachments import FileRef, ReadFiles, read_files
 
 log = logging.getLogger(__name__)
-
-
-class DownloadError(Exception):
-    """A file download that Slack refused or answered with something else; `status`:
-    the HTTP status of a refusal (read_files logs it)."""
-
-    def __init__(self, why: str, status: int | None = None) -> None:
-        super().__init__(why)
-        self.status = status
 
 
 class SharedFiles(SlackContext):
@@ -74,33 +66,32 @@ class SharedFiles(SlackContext):
         return file_ref(file) if isinstance(file, Mapping) else None
 
     async def _fetch(self, ref: FileRef, limit: int) -> bytes:
-        """Download a file with the bot token: at most `limit` + 1 bytes."""
-        if not is_slack_file_url(ref.url, self._api_base):
+        """Download a file with the bot token: at most `limit` + 1 bytes. A redirect is
+        followed only to Slack's own hosts (Enterprise Grid serves files from another
+        slack.com host), never elsewhere with the token."""
+        if not self._slack_file_url(ref.url):
             # The token goes to Slack only, whatever URL an event names.
             raise DownloadError("not a Slack file URL")
         if self._downloads is None:
             self._downloads = aiohttp.ClientSession()
         token = self.app.client.token or ""
         headers = {"Authorization": f"Bearer {token}"}
-        async with self._downloads.get(ref.url, headers=headers) as response:
-            if not 200 <= response.status < 300:
-                raise DownloadError("refused", response.status)
-            if response.content_type == "text/html" and not _is_html(ref):
-                # Slack's answer without files:read: its sign-in page, with a 200.
-                if not self._warned_sign_in:
-                    self._warned_sign_in = True
-                    log.warning(
-                        "Slack answered a file download with a web page: the app needs "
-                        "the files:read scope (add it, then reinstall the app)"
-                    )
-                raise DownloadError("a web page instead of the file")
-            data = bytearray()
-            while len(data) <= limit:
-                chunk = await response.content.read(limit + 1 - len(data))
-                if not chunk:
-                    break
-                data += chunk
-            return bytes(data)
+        got = await download(
+            self._downloads, ref.url, limit, headers=headers, may_follow=self._slack_file_url
+        )
+        if got.content_type == "text/html" and not _is_html(ref):
+            # Slack's answer without files:read: its sign-in page, with a 200.
+            if not self._warned_sign_in:
+                self._warned_sign_in = True
+                log.warning(
+                    "Slack answered a file download with a web page: the app needs "
+                    "the files:read scope (add it, then reinstall the app)"
+                )
+            raise DownloadError("a web page instead of the file")
+        return got.data
+
+    def _slack_file_url(self, url: str) -> bool:
+        return is_slack_file_url(url, self._api_base)
 
 
 def _is_html(ref: FileRef) -> bool:
