@@ -15,10 +15,11 @@ import threading
 from typing import TextIO
 
 from bot import personas
-from bot.engine import COMMAND_FAILED, Engine
+from bot.engine import COMMAND_FAILED, Engine, ReplyStream
 from bot.forgetting import describe
 from bot.logs import Terminal
 from bot.messages import ConversationKey, Message
+from bot.usage import describe_usage
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ HELP = """Commands:
   /forget delete everything you said that the bot stored, and its replies
   /persona set <text> | show | clear
           give this conversation its own system prompt
+  /retry  write the last reply again (a new answer to your last message)
+  /usage  the tokens you used today, and the daily limit
   /help   show this help
   /quit   leave (Ctrl-D works too)
 Anything else is a message to the bot."""
@@ -51,6 +54,7 @@ class ConsoleAdapter:
         self._interactive = self._in.isatty() if interactive is None else interactive
         self._terminal = terminal or Terminal(self._out)
         self._count = 0
+        self._last = ""  # the id of the last message sent here (for /retry)
 
     def _write(self, text: str, *, prompt: bool = False) -> None:
         self._terminal.write(text, prompt=prompt)
@@ -96,6 +100,7 @@ class ConsoleAdapter:
 
     def _message(self, text: str) -> Message:
         self._count += 1
+        self._last = str(self._count)
         return Message(
             conversation=CONVERSATION,
             author_id=USER,
@@ -117,6 +122,8 @@ class ConsoleAdapter:
                 return "Conversation forgotten."
             if word == "/forget":
                 return describe(await engine.forget_user(CONVERSATION.platform, USER))
+            if word == "/usage":
+                return describe_usage(await engine.usage(CONVERSATION.platform, USER))
             if word.startswith("/persona"):
                 command = personas.parse(text[len("/persona") :])
                 answer = await personas.run(engine, CONVERSATION, *command) if command else None
@@ -140,13 +147,35 @@ class ConsoleAdapter:
             answer = await self._command(engine, text)
             if answer is not None:
                 self._write(answer + "\n")
-            elif self._interactive:
-                self._write("bot> ")
-                async for chunk in engine.stream(self._message(text)):
-                    self._write(chunk)
-                self._terminal.end_line()
+                continue
+            if text.lower() == "/retry":
+                if not self._last:
+                    self._write("Nothing to write again yet: send a message first.\n")
+                    continue
+                stream = engine.regenerate(CONVERSATION, self._last, USER)
             else:
-                reply = await engine.reply(self._message(text))
-                self._write(reply.text + "\n")
+                stream = engine.stream(self._message(text))
+            await self._show(stream)
         if self._interactive:
             self._terminal.end_line()  # after Ctrl-D at the prompt: the shell's on its own line
+
+    async def _show(self, stream: ReplyStream) -> None:
+        """A reply as it is written (interactive) or whole, on its own line; nothing
+        for a silent one (past the daily limit), a refusal as a plain line."""
+        if self._interactive:
+            started = False
+            async for chunk in stream:
+                if not started:
+                    self._write("bot> ")
+                    started = True
+                self._write(chunk)
+            if started:
+                self._terminal.end_line()
+        else:
+            async for _ in stream:
+                pass
+        reply = stream.reply
+        if reply is None or reply.silent:
+            return
+        if reply.refused or not self._interactive:
+            self._write(reply.text + "\n")

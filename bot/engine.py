@@ -10,11 +10,14 @@ together. Different conversations proceed concurrently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 
 from bot import metrics
 from bot.attachments import prompt_text
@@ -29,9 +32,11 @@ from bot.messages import (
     label_speakers,
 )
 from bot.settings import Settings
+from bot.store.connection import REDIS_ERRORS
 from bot.store.forgetting import Forgotten, forget_person
 from bot.store.memory import Memory
 from bot.store.schema import authors, from_first_user_turn
+from bot.usage import Usage, limit_note, today
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,11 @@ EMPTY_MESSAGE_REPLY = "Ask me anything: write your message and I'll answer."
 NOTHING_TO_SAY = "I don't have an answer to that."
 # A command (/reset, /forget, /persona…) that failed, e.g. memory unreachable.
 COMMAND_FAILED = "Sorry, that didn't work. Please try again in a moment."
+# After a Stop: the last chunk of the reply (memory keeps the text before it).
+STOPPED_MARK = "\n\n(stopped)"
+# A Regenerate refused (said to the presser only).
+TOO_LATE = "That reply can't be written again: the conversation has moved on since."
+NOT_YOURS = "Only the person who asked can have this reply written again."
 
 
 def truncation_note(prompt: Prompt) -> str:
@@ -78,11 +88,14 @@ class _ConversationOrder:
 
 
 class _Outcome:
-    """Where a reply's generator leaves the whole reply. Apart from ReplyStream, so
-    the generator holds no reference back to its stream: a stream dropped unclosed is
-    freed (and its conversation's turn released) at once, not at the next GC cycle."""
+    """Where a reply's generator leaves the whole reply, and hears of a Stop. Apart
+    from ReplyStream, so the generator holds no reference back to its stream: a stream
+    dropped unclosed is freed (and its conversation's turn released) at once, not at
+    the next GC cycle."""
 
-    reply: Reply | None = None
+    def __init__(self) -> None:
+        self.reply: Reply | None = None
+        self.stop = asyncio.Event()
 
 
 class ReplyStream:
@@ -92,20 +105,54 @@ class ReplyStream:
     until then, or until the stream is dropped. Afterwards `reply` holds the whole reply.
     """
 
-    def __init__(self, engine: Engine, message: Message) -> None:
+    def __init__(self, engine: Engine, message: Message, regenerate_for: str | None = None) -> None:
+        """`regenerate_for`: write the reply to the stored message `message.message_id`
+        again, for `regenerate_for` (the presser), in place of the stored reply."""
         self.message = message
         self._outcome = _Outcome()
-        self._chunks = engine._produce(message, self._outcome)
+        self._chunks = engine._produce(message, self._outcome, regenerate_for)
+        if message.message_id:
+            engine._live[(message.conversation, message.message_id)] = self
 
     @property
     def reply(self) -> Reply | None:
         return self._outcome.reply
+
+    def stop(self) -> None:
+        """End the reply now: the text so far, then STOPPED_MARK; memory keeps the text."""
+        self._outcome.stop.set()
 
     def __aiter__(self) -> AsyncGenerator[str, None]:
         return self._chunks
 
     async def aclose(self) -> None:
         await self._chunks.aclose()
+
+
+async def _until(chunks: AsyncIterator[str], stop: asyncio.Event) -> AsyncIterator[str]:
+    """`chunks` until `stop` is set, then at once: the pending read is cancelled (the
+    backend's stream is closed: its row leaves the scheduler at the next step)."""
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(chunks))
+            await asyncio.wait((step, stopped), return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await step
+                return
+            try:
+                yield step.result()
+            except StopAsyncIteration:
+                return
+            if stop.is_set():
+                return
+    finally:
+        stopped.cancel()
+        closing = getattr(chunks, "aclose", None)
+        if closing is not None:
+            await closing()
 
 
 class Engine:
@@ -118,13 +165,22 @@ class Engine:
         *,
         max_queue: int = 256,
         speaker_names: bool = True,
+        daily_tokens: int = 0,
+        regenerate_temperature: float = 0.8,
     ) -> None:
         """`backend`: where replies are generated (bot.app chooses it).
-        `speaker_names`: in shared conversations, the model sees who said each turn."""
+        `speaker_names`: in shared conversations, the model sees who said each turn.
+        `daily_tokens`: each person's allowance per UTC day (0: none)."""
         self.backend = backend
         self.memory = memory
         self.max_queue = max_queue
         self.speaker_names = speaker_names
+        self.daily_tokens = daily_tokens
+        self.regenerate_temperature = regenerate_temperature
+        # Replies being written, by (conversation, asking message id): for Stop.
+        self._live: weakref.WeakValueDictionary[tuple[ConversationKey, str], ReplyStream] = (
+            weakref.WeakValueDictionary()
+        )
         self._order = _ConversationOrder()
         self._pending = 0
         # (platform, author) -> conversations where their message is being answered
@@ -138,6 +194,8 @@ class Engine:
             memory,
             max_queue=settings.max_queue,
             speaker_names=settings.speaker_names,
+            daily_tokens=settings.user_daily_tokens,
+            regenerate_temperature=settings.regenerate_temperature,
         )
 
     def stream(self, message: Message) -> ReplyStream:
@@ -152,6 +210,55 @@ class Engine:
         assert stream.reply is not None
         return stream.reply
 
+    def live(self, conversation: ConversationKey, message_id: str) -> ReplyStream | None:
+        """The reply being written now to message `message_id` in `conversation`
+        (a regenerated one included); None once it has ended."""
+        stream = self._live.get((conversation, message_id))
+        return stream if stream is not None and stream.reply is None else None
+
+    def stop(self, conversation: ConversationKey, message_id: str) -> bool:
+        """Stop the reply being written to that message, at once; False if it had
+        already ended (or is not known to this process)."""
+        stream = self.live(conversation, message_id)
+        if stream is None:
+            return False
+        stream.stop()
+        return True
+
+    def regenerate(
+        self, conversation: ConversationKey, message_id: str, asker_id: str
+    ) -> ReplyStream:
+        """A new reply, sampled at the regenerate temperature, to the conversation's
+        last message, which must be `message_id` by `asker_id`; it replaces the stored
+        reply. Refused (another's message, a newer one since, nothing stored): no
+        chunks, and `reply` is refused (not ok) with the note for the presser."""
+        placeholder = Message(conversation, asker_id, "", "", message_id)
+        return ReplyStream(self, placeholder, regenerate_for=asker_id)
+
+    async def feedback(
+        self, conversation: ConversationKey, reply_id: str, voter_id: str, verdict: str
+    ) -> bool:
+        """A person's 👍 ("up") or 👎 ("down") on a reply: counted once per person and
+        reply, changeable. True when counted or changed; False when it was their vote
+        already. Logged with ids only."""
+        if verdict not in ("up", "down"):
+            raise ValueError(f"a verdict is 'up' or 'down', not {verdict!r}")
+        before = await self.memory.vote(conversation, reply_id, voter_id, verdict)
+        if before == verdict:
+            return False
+        platform = conversation.platform
+        metrics.FEEDBACK.labels(platform, verdict).inc()
+        if before is not None:
+            metrics.FEEDBACK_CHANGED.labels(platform, before).inc()
+        log.info("Feedback %s on reply %s in %s (was %s)", verdict, reply_id, conversation, before)
+        return True
+
+    async def usage(self, platform: str, user_id: str) -> Usage:
+        """What the person has used today, against their allowance."""
+        day, resets_at = today()
+        used, _ = await self.memory.usage_of(platform, user_id, day)
+        return Usage(used, self.daily_tokens, resets_at)
+
     async def reset(self, conversation: ConversationKey) -> None:
         """Forget a conversation (after any reply in progress there)."""
         async with self._order.turn(conversation), self.memory.turn(conversation):
@@ -161,8 +268,8 @@ class Engine:
     async def forget_user(self, platform: str, user_id: str) -> Forgotten:
         """Delete everything the person wrote on `platform` that is stored, and the
         replies to it, in every conversation; the model's caches of those go too.
-        A reply in progress to them is stored first, then deleted with the rest."""
-        return await forget_person(
+        A message of theirs still being answered is deleted as it is stored."""
+        forgotten = await forget_person(
             self.memory,
             platform,
             user_id,
@@ -170,6 +277,10 @@ class Engine:
             hold=self._order.turn,
             drop_cache=self.backend.forget,
         )
+        # Their counters too (today's and yesterday's: no older ones are kept).
+        days = [today()[0], today(datetime.now(UTC) - timedelta(days=1))[0]]
+        await self.memory.forget_usage(platform, user_id, days)
+        return forgotten
 
     async def persona(self, conversation: ConversationKey) -> str | None:
         """The persona of the conversation's channel; None: the configured prompt."""
@@ -203,16 +314,25 @@ class Engine:
         """The backend can generate and the memory store answers."""
         return await self.backend.ready() and await self.memory.ready()
 
-    async def _produce(self, message: Message, out: _Outcome) -> AsyncGenerator[str, None]:
+    async def _produce(
+        self, message: Message, out: _Outcome, regenerate_for: str | None
+    ) -> AsyncGenerator[str, None]:
         platform = message.platform
         metrics.RECEIVED.labels(platform).inc()
         started = time.perf_counter()
         try:
-            async for chunk in self._gate(message, out):
+            chunks = (
+                self._gate(message, out)
+                if regenerate_for is None
+                else self._regenerate(message, regenerate_for, out)
+            )
+            async for chunk in chunks:
                 yield chunk
         finally:
-            ok = out.reply is not None and out.reply.ok
-            (metrics.ANSWERED if ok else metrics.FAILED).labels(platform).inc()
+            reply = out.reply
+            if reply is None or not (reply.refused or reply.silent):
+                ok = reply is not None and reply.ok
+                (metrics.ANSWERED if ok else metrics.FAILED).labels(platform).inc()
             metrics.LATENCY.labels(platform).observe(time.perf_counter() - started)
 
     async def _gate(self, message: Message, out: _Outcome) -> AsyncGenerator[str, None]:
@@ -232,6 +352,23 @@ class Engine:
             out.reply = Reply(BUSY, ok=False)
             yield BUSY
             return
+        if self.daily_tokens:
+            try:
+                usage = await self.usage(message.platform, message.author_id)
+                told = usage.exhausted and not await self.memory.claim_usage_note(
+                    message.platform, message.author_id, today()[0]
+                )
+            except REDIS_ERRORS:  # the store away: answer (no count to go by)
+                usage, told = Usage(0, self.daily_tokens, today()[1]), False
+            if usage.exhausted:
+                metrics.LIMITED.labels(message.platform).inc()
+                if told:
+                    out.reply = Reply("", silent=True)  # told once today: silence
+                    return
+                note = limit_note(usage)
+                out.reply = Reply(note)
+                yield note
+                return
         self._pending += 1
         metrics.QUEUE.set(self._pending)
         author = (message.platform, message.author_id)
@@ -274,58 +411,165 @@ class Engine:
         async with self._order.turn(conversation), self.memory.turn(conversation):
             started = time.perf_counter()
             history, persona = await self.memory.load(conversation)
-            parts: list[str] = []
             name = clean_name(message.author_name)
             shown, speaker = self._labelled(message, history, name)
-            try:
-                if message.notes:
-                    note = "\n".join(message.notes) + "\n\n"
-                    parts.append(note)
-                    yield note
-                prompt = await self.backend.prepare(shown, text, persona, speaker)
-                prompt = dataclasses.replace(prompt, conversation=str(conversation))
-                if prompt.truncated:
-                    note = truncation_note(prompt)
-                    parts.append(note)
-                    yield note
-                generated: list[str] = []
-                async for chunk in self.backend.stream(prompt):
-                    generated.append(chunk)
-                    yield chunk
-                answer = "".join(generated).strip()
-                if not answer:
-                    answer = NOTHING_TO_SAY
-                    yield answer
-            except Exception as error:
-                log.exception(
-                    "Generation failed in %s (message %s)", conversation, message.message_id
-                )
-                # A backend may say what would help (e.g. /reset when a conversation
-                # no longer fits the server's window); otherwise the plain apology.
-                told = getattr(error, "user_message", None)
-                apology = ("\n\n" if parts else "") + (told if isinstance(told, str) else APOLOGY)
-                out.reply = Reply("".join(parts) + apology, ok=False)
-                yield apology
+            written = _Written()
+            if message.notes:
+                written.parts.append("\n".join(message.notes) + "\n\n")
+                yield written.parts[0]
+            async for chunk in self._write(
+                message, written, out, self.backend.prepare(shown, text, persona, speaker)
+            ):
+                yield chunk
+            if written.prompt is None or written.failed:
                 return
-            # Both turns at once, and only for a reply that was written in full.
-            asked = Turn("user", prompt.user_text, message.author_id, name, sent_at=sent)
-            replied = Turn("assistant", answer)
-            turns = [asked, replied]
-            if await self.memory.append(conversation, turns, present=authors(history)):
-                # While the person reads and types: the next turn's prompt prepared
-                # (its history as memory now keeps it), so it reads only its new text.
-                kept = from_first_user_turn([*history, *turns][-self.memory.max_turns :])
-                kept_shown, following = self._labelled(message, kept, name)
-                self.backend.warm(str(conversation), kept_shown, persona, following)
-            else:
-                # Not kept (forgotten meanwhile, or the store is away): nor is its cache.
-                self.backend.forget(str(conversation))
-            out.reply = Reply("".join(parts) + answer, truncated_input=prompt.truncated)
+            prompt, answer = written.prompt, written.answer
+            if answer:  # stopped before any word: nothing to keep
+                asked = Turn(
+                    "user",
+                    prompt.user_text,
+                    message.author_id,
+                    name,
+                    sent_at=sent,
+                    message_id=message.message_id,
+                )
+                turns = [asked, Turn("assistant", answer)]
+                if await self.memory.append(conversation, turns, present=authors(history)):
+                    # While the person reads and types: the next turn's prompt prepared
+                    # (its history as memory keeps it), so it reads only its new text.
+                    kept = from_first_user_turn([*history, *turns][-self.memory.max_turns :])
+                    kept_shown, following = self._labelled(message, kept, name)
+                    self.backend.warm(str(conversation), kept_shown, persona, following)
+                else:
+                    # Not kept (forgotten meanwhile, the store away): nor is its cache.
+                    self.backend.forget(str(conversation))
+            await self._count(message.platform, message.author_id, prompt, answer)
             latency = time.perf_counter() - started
             log.info(
-                "Replied in %s to message %s in %.2f s",
+                "Replied in %s to message %s in %.2f s%s",
                 conversation,
                 message.message_id,
                 latency,
+                " (stopped)" if written.stopped else "",
                 extra={"conversation": str(conversation), "latency_s": round(latency, 3)},
             )
+
+    async def _write(
+        self,
+        message: Message,
+        written: _Written,
+        out: _Outcome,
+        preparing: Awaitable[Prompt],
+        temperature: float | None = None,
+    ) -> AsyncGenerator[str, None]:
+        """Generate a reply: its chunks (a truncation note first), until the end or a
+        Stop; `written` and `out.reply` hold the outcome. A failure: the apology."""
+        conversation = message.conversation
+        parts = written.parts
+        try:
+            prompt = await preparing
+            prompt = dataclasses.replace(
+                prompt, conversation=str(conversation), temperature=temperature
+            )
+            written.prompt = prompt
+            if prompt.truncated:
+                note = truncation_note(prompt)
+                parts.append(note)
+                yield note
+            generated: list[str] = []
+            async for chunk in _until(self.backend.stream(prompt), out.stop):
+                generated.append(chunk)
+                yield chunk
+            written.answer = "".join(generated).strip()
+        except Exception as error:
+            written.failed = True
+            log.exception("Generation failed in %s (message %s)", conversation, message.message_id)
+            # A backend may say what would help (e.g. /reset when a conversation no
+            # longer fits the server's window); otherwise the plain apology.
+            told = getattr(error, "user_message", None)
+            apology = ("\n\n" if parts else "") + (told if isinstance(told, str) else APOLOGY)
+            out.reply = Reply("".join(parts) + apology, ok=False)
+            yield apology
+            return
+        if out.stop.is_set():
+            written.stopped = True
+            metrics.STOPPED.labels(message.platform).inc()
+            yield STOPPED_MARK
+            shown = "".join(parts) + written.answer + STOPPED_MARK
+            out.reply = Reply(shown, truncated_input=prompt.truncated, stopped=True)
+            return
+        if not written.answer:
+            written.answer = NOTHING_TO_SAY
+            yield NOTHING_TO_SAY
+        out.reply = Reply("".join(parts) + written.answer, truncated_input=prompt.truncated)
+
+    async def _count(self, platform: str, user_id: str, prompt: Prompt, answer: str) -> None:
+        """Count a reply's tokens (its prompt's and its own) to the person's day."""
+        if not self.daily_tokens:
+            return
+        read = len(prompt.input_ids) or await self.backend.count_tokens(
+            "\n".join(m.get("content", "") for m in prompt.messages)
+        )
+        tokens = read + await self.backend.count_tokens(answer)
+        try:
+            await self.memory.add_usage(platform, user_id, today()[0], tokens)
+        except REDIS_ERRORS:
+            log.warning("Could not count %d tokens for a %s user", tokens, platform)
+
+    async def _regenerate(
+        self, placeholder: Message, asker_id: str, out: _Outcome
+    ) -> AsyncGenerator[str, None]:
+        conversation, message_id = placeholder.conversation, placeholder.message_id
+        async with self._order.turn(conversation), self.memory.turn(conversation):
+            history, persona = await self.memory.load(conversation)
+            last = history[-2:]
+            if (
+                len(last) < 2
+                or last[0].role != "user"
+                or last[1].role != "assistant"
+                or last[0].message_id != message_id
+            ):
+                out.reply = Reply(TOO_LATE, ok=False, refused=True)
+                return
+            asked = last[0]
+            if asked.author_id != asker_id:
+                out.reply = Reply(NOT_YOURS, ok=False, refused=True)
+                return
+            if self.daily_tokens and (await self.usage(conversation.platform, asker_id)).exhausted:
+                out.reply = Reply(limit_note(await self.usage(conversation.platform, asker_id)),
+                                  ok=False, refused=True)  # fmt: skip
+                return
+            message = dataclasses.replace(
+                placeholder, author_name=asked.author_name, text=asked.content
+            )
+            earlier = history[:-2]
+            shown, speaker = self._labelled(message, earlier, asked.author_name)
+            written = _Written()
+            preparing = self.backend.prepare(shown, asked.content, persona, speaker)
+            async for chunk in self._write(
+                message, written, out, preparing, self.regenerate_temperature
+            ):
+                yield chunk
+            if written.prompt is None or written.failed:
+                return
+            metrics.REGENERATED.labels(conversation.platform).inc()
+            if written.answer:
+                replaced = Turn("assistant", written.answer)
+                if await self.memory.replace_reply(conversation, message_id, replaced):
+                    kept = [*earlier, asked, replaced]
+                    kept_shown, following = self._labelled(message, kept, asked.author_name)
+                    self.backend.warm(str(conversation), kept_shown, persona, following)
+                else:
+                    log.warning("The regenerated reply in %s was not stored", conversation)
+            await self._count(conversation.platform, asker_id, written.prompt, written.answer)
+
+
+@dataclasses.dataclass
+class _Written:
+    """What `Engine._write` left: the prompt, the reply's text, how it ended."""
+
+    parts: list[str] = dataclasses.field(default_factory=list)  # notes before the reply
+    prompt: Prompt | None = None
+    answer: str = ""
+    stopped: bool = False
+    failed: bool = False

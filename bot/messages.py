@@ -79,6 +79,8 @@ class Turn:
     # When the person sent it (epoch seconds; user turns): a /forget deletes what was
     # sent before it, also when it is stored after it.
     sent_at: float | None = None
+    # The platform's id of the message (user turns): what Regenerate names.
+    message_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,9 @@ class Reply:
     text: str
     ok: bool = True  # False when the text is the apology for a failed generation
     truncated_input: bool = False  # True when the user's message was cut to fit the model
+    stopped: bool = False  # Stop was pressed: the text so far, then the stopped mark
+    refused: bool = False  # a Regenerate refused: `text` is the note for the presser only
+    silent: bool = False  # past the daily limit and already told: post nothing
 
 
 def clean_text(text: str) -> str:

@@ -58,6 +58,36 @@ KV_CACHE_BYTES = Gauge(
     registry=REGISTRY,
 )
 REDIS_ERRORS = Counter("chatbot_redis_errors", "Redis calls that failed", registry=REGISTRY)
+FEEDBACK = Counter(
+    "chatbot_feedback",
+    "Votes on replies (one per person per reply; a changed vote counts for its new verdict)",
+    ["platform", "verdict"],
+    registry=REGISTRY,
+)
+FEEDBACK_CHANGED = Counter(
+    "chatbot_feedback_changed",
+    "Votes changed away from a verdict (net votes: feedback - feedback_changed)",
+    ["platform", "verdict"],
+    registry=REGISTRY,
+)
+STOPPED = Counter(
+    "chatbot_replies_stopped",
+    "Replies stopped with the Stop button",
+    ["platform"],
+    registry=REGISTRY,
+)
+REGENERATED = Counter(
+    "chatbot_replies_regenerated",
+    "Replies written again (Regenerate)",
+    ["platform"],
+    registry=REGISTRY,
+)
+LIMITED = Counter(
+    "chatbot_messages_limited",
+    "Messages not answered: their author's daily token allowance was spent",
+    ["platform"],
+    registry=REGISTRY,
+)
 
 
 async def serve_ops(

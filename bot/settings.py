@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     kv_cache_mb: int = Field(default=1024, ge=0)  # conversations' model caches kept between turns
     batch_wait_ms: float = Field(default=10.0, ge=0)  # longest wait for a batch to fill
     max_queue: PositiveInt = 256  # messages in the engine at most; past it: "busy"
+    # Tokens (prompt read and reply written) per person per UTC day; 0: no limit.
+    user_daily_tokens: int = Field(default=0, ge=0)
+    # Regenerate samples (a greedy model would write the same words again).
+    regenerate_temperature: float = Field(default=0.8, gt=0, le=2)
     torch_threads: PositiveInt | None = None
     # Sampling (TEMPERATURE > 0): each reply seeded from SEED and its prompt, so the
     # same message in the same conversation gets the same reply (unset: at random)

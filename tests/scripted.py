@@ -37,6 +37,7 @@ class ScriptedModel:
         self.speakers: list[str | None] = []
         # Each prompt's chat messages as a model without a `name` field sees them.
         self.prompts: list[list[dict[str, str]]] = []
+        self.temperatures: list[float | None] = []  # each reply's own (Regenerate's)
 
     def prepare(
         self,
@@ -65,6 +66,7 @@ class ScriptedModel:
     def generate(
         self, prompt: Prompt, on_text: Callable[[str], None], stop: threading.Event
     ) -> str:
+        self.temperatures.append(prompt.temperature)
         if self.fail_on and self.fail_on in prompt.user_text:
             raise RuntimeError("scripted failure")
         text = self.reply(prompt.user_text) if callable(self.reply) else self.reply

@@ -93,6 +93,31 @@ async def test_forget_deletes_what_was_said_at_the_console() -> None:
     assert "/forget" in HELP
 
 
+async def test_retry_and_usage_at_the_console() -> None:
+    memory = InProcessMemory(20, 3600)
+    answers = iter(["First.", "Second.", "Third."])
+    engine = Engine(LocalBackend(ScriptedModel(lambda _t: next(answers))), memory,
+                    daily_tokens=1000)  # fmt: skip
+    output = await run_console(engine, "/retry\nHello\n/retry\n/usage\n")
+    lines = output.splitlines()
+    assert lines[:3] == ["Nothing to write again yet: send a message first.", "First.", "Second."]
+    assert lines[3].startswith("Today you've used ") and "of your 1,000 tokens" in lines[3]
+    assert [t.content for t in await memory.history(CONVERSATION)] == ["Hello", "Second."]
+    assert "/retry" in HELP and "/usage" in HELP
+    await engine.close()
+
+
+async def test_past_the_daily_limit_the_console_says_so_once_then_nothing() -> None:
+    engine = Engine(LocalBackend(ScriptedModel("x" * 80)), InProcessMemory(20, 3600),
+                    daily_tokens=5)  # fmt: skip
+    output = await run_console(engine, "one\ntwo\nthree\n")
+    lines = output.splitlines()
+    assert lines[0] == "x" * 80
+    assert "allowance of 5 tokens" in lines[1]
+    assert len(lines) == 2  # the third: silence
+    await engine.close()
+
+
 async def test_a_failed_command_is_answered_and_the_session_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

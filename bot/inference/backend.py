@@ -29,6 +29,8 @@ class Prompt:
     # Leading tokens that are the system prompt's (and the template's before the first
     # message): the same for every conversation with this system prompt or persona.
     shared: int = 0
+    # Sampling temperature for this reply only (Regenerate); None: the configured one.
+    temperature: float | None = None
 
 
 def with_name(name: str, content: str) -> str:
@@ -59,6 +61,11 @@ class Backend(ABC):
     async def ready(self) -> bool:
         """Whether replies can be generated now (for readiness checks)."""
         return True
+
+    async def count_tokens(self, text: str) -> int:
+        """About how many tokens `text` is, for usage limits: a backend with a
+        tokenizer counts exactly; this estimate is ~4 characters a token."""
+        return max(1, (len(text) + 3) // 4) if text else 0
 
     def forget(self, conversation: str) -> None:  # noqa: B027 - optional for backends
         """Drop whatever the backend keeps of a conversation (a model cache)."""

@@ -119,6 +119,13 @@ class LocalBackend(Backend):
             # The reader went away (closed, cancelled): stop this row at the next step.
             stop.set()
 
+    async def count_tokens(self, text: str) -> int:
+        count = getattr(self.runner, "count_tokens", None)
+        if not callable(count) or not text:
+            return await super().count_tokens(text)
+        loop = asyncio.get_running_loop()
+        return int(await loop.run_in_executor(self._prepare_pool, count, text))
+
     def forget(self, conversation: str) -> None:
         if self.scheduler is not None:
             self.scheduler.forget(conversation)

@@ -248,7 +248,7 @@ class OpenAIBackend(Backend):
         while True:
             sent_any = False
             try:
-                async for text in self._request(messages):
+                async for text in self._request(messages, prompt.temperature):
                     sent_any = True
                     yield text
                 self._up()
@@ -304,10 +304,14 @@ class OpenAIBackend(Backend):
         if counted and estimated:
             self.scale = min(max(self.scale, counted / estimated), MAX_SCALE)
 
-    async def _request(self, messages: list[dict[str, str]]) -> AsyncIterator[str]:
+    async def _request(
+        self, messages: list[dict[str, str]], temperature: float | None = None
+    ) -> AsyncIterator[str]:
         """One request, streamed; raises ServerError for each way it can fail."""
         _, reply_tokens = self._budget()
         body = {**self.body, "max_tokens": reply_tokens, "messages": messages}
+        if temperature is not None:
+            body["temperature"] = temperature
         loop = asyncio.get_running_loop()
         first_token_by = loop.time() + self.first_token_timeout
         try:

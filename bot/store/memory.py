@@ -40,9 +40,10 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import redis.asyncio as aioredis
@@ -65,7 +66,9 @@ from bot.store.schema import (
     lock_key,
     persona_key,
     redis_key,
+    usage_key,
     user_key,
+    vote_key,
     whole_exchanges,
     without_author,
 )
@@ -139,6 +142,40 @@ return removed
 
 # KEYS: the lock, the conversation. ARGV: lock token. -1: the lock is lost.
 RESET = FENCE + "redis.call('DEL', KEYS[2]) return 1"
+
+# KEYS: the lock, the conversation. ARGV: lock token, the asking message's id, the new
+# reply. Replaces the last turn if it is the reply to that message (Regenerate); 0 if
+# the conversation has moved on, -1 if the lock is lost.
+REPLACE_REPLY = (
+    FENCE
+    + """
+local asked, replied = redis.call('LINDEX', KEYS[2], -2), redis.call('LINDEX', KEYS[2], -1)
+if not asked or not replied then return 0 end
+local ok_a, a = pcall(cjson.decode, asked)
+local ok_r, r = pcall(cjson.decode, replied)
+if not (ok_a and ok_r and type(a) == 'table' and type(r) == 'table') then return 0 end
+if a['role'] ~= 'user' or a['id'] ~= ARGV[2] or r['role'] ~= 'assistant' then return 0 end
+redis.call('LSET', KEYS[2], -1, ARGV[3])
+return 1
+"""
+)
+
+# KEYS: the votes on a reply. ARGV: voter, verdict, TTL. The voter's previous verdict.
+VOTE = """
+local before = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return before
+"""
+
+# KEYS: the count, its "told" flag. ARGV: tokens, TTL. The new total.
+ADD_USAGE = """
+local total = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return total
+"""
+# A day's counters outlive the day by one, for readers near midnight.
+USAGE_SECONDS = 2 * 86400
 
 
 async def _renew(lock: Lock, conversation: ConversationKey) -> None:
@@ -224,6 +261,35 @@ class Memory(Protocol):
         store cannot answer."""
         ...
 
+    async def replace_reply(
+        self, conversation: ConversationKey, message_id: str, reply: Turn
+    ) -> bool:
+        """Make `reply` the conversation's last turn, in place of the reply to message
+        `message_id`, if that exchange is still the last (Regenerate)."""
+        ...
+
+    async def add_usage(self, platform: str, user_id: str, day: str, tokens: int) -> int:
+        """Count tokens to the person's UTC `day`; their total for it."""
+        ...
+
+    async def usage_of(self, platform: str, user_id: str, day: str) -> tuple[int, bool]:
+        """The person's tokens for `day`, and whether the limit's note was sent."""
+        ...
+
+    async def claim_usage_note(self, platform: str, user_id: str, day: str) -> bool:
+        """True once per person and day: whoever gets it sends the limit's note."""
+        ...
+
+    async def forget_usage(self, platform: str, user_id: str, days: Sequence[str]) -> None:
+        """Delete the person's counters for those days (/forget)."""
+        ...
+
+    async def vote(
+        self, conversation: ConversationKey, reply_id: str, voter_id: str, verdict: str
+    ) -> str | None:
+        """Record a person's verdict on a reply; their previous one (None: first)."""
+        ...
+
     def turn(self, conversation: ConversationKey) -> AbstractAsyncContextManager[None]:
         """Held while one message of the conversation is answered, across every
         process that shares this store (one process orders its own messages)."""
@@ -250,6 +316,9 @@ class InProcessMemory:
         self._store: dict[ConversationKey, tuple[float, deque[Turn]]] = {}
         self._personas: dict[str, str] = {}
         self._forgotten: dict[tuple[str, str], float] = {}  # (platform, user) -> when
+        # (platform, user, day) -> [tokens, told]; (conversation, reply id) -> votes
+        self._usage: dict[tuple[str, str, str], list[int]] = {}
+        self._votes: OrderedDict[tuple[ConversationKey, str], dict[str, str]] = OrderedDict()
         self._last_sweep = time.monotonic()
 
     @property
@@ -263,6 +332,10 @@ class InProcessMemory:
         self._last_sweep = now
         for key in [k for k, (touched, _) in self._store.items() if now - touched > self._ttl]:
             del self._store[key]
+        # Counters of days before yesterday (ISO dates sort as days do).
+        yesterday = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
+        for counter in [k for k in self._usage if k[2] < yesterday]:
+            del self._usage[counter]
         # A mark outlives any message in flight when it was made.
         old = time.time() - self._ttl
         for person in [p for p, at in self._forgotten.items() if at < old]:
@@ -329,6 +402,47 @@ class InProcessMemory:
         if removed:
             self._store[conversation] = (entry[0], deque(kept, maxlen=self._max_turns))
         return removed
+
+    async def replace_reply(
+        self, conversation: ConversationKey, message_id: str, reply: Turn
+    ) -> bool:
+        entry = self._store.get(conversation)
+        if entry is None or len(entry[1]) < 2:
+            return False
+        asked, replied = entry[1][-2], entry[1][-1]
+        if asked.role != "user" or asked.message_id != message_id or replied.role != "assistant":
+            return False
+        entry[1][-1] = reply
+        return True
+
+    async def add_usage(self, platform: str, user_id: str, day: str, tokens: int) -> int:
+        counter = self._usage.setdefault((platform, user_id, day), [0, 0])
+        counter[0] += tokens
+        return counter[0]
+
+    async def usage_of(self, platform: str, user_id: str, day: str) -> tuple[int, bool]:
+        used, told = self._usage.get((platform, user_id, day), [0, 0])
+        return used, bool(told)
+
+    async def claim_usage_note(self, platform: str, user_id: str, day: str) -> bool:
+        counter = self._usage.setdefault((platform, user_id, day), [0, 0])
+        first, counter[1] = not counter[1], 1
+        return first
+
+    async def forget_usage(self, platform: str, user_id: str, days: Sequence[str]) -> None:
+        for day in days:
+            self._usage.pop((platform, user_id, day), None)
+
+    async def vote(
+        self, conversation: ConversationKey, reply_id: str, voter_id: str, verdict: str
+    ) -> str | None:
+        votes = self._votes.setdefault((conversation, reply_id), {})
+        self._votes.move_to_end((conversation, reply_id))
+        while len(self._votes) > 10_000:  # bounded: the oldest replies' votes go
+            self._votes.popitem(last=False)
+        before = votes.get(voter_id)
+        votes[voter_id] = verdict
+        return before
 
     def turn(self, conversation: ConversationKey) -> AbstractAsyncContextManager[None]:
         return nullcontext()  # one process: the engine's own order suffices
@@ -477,6 +591,49 @@ class RedisMemory:
         self._outages.succeeded()
         if int(done) < 0:
             log.warning("Not resetting %s: this process no longer holds its lock", conversation)
+
+    async def replace_reply(
+        self, conversation: ConversationKey, message_id: str, reply: Turn
+    ) -> bool:
+        fence = self._held.get(conversation, "")
+        done = await self._redis.eval(
+            REPLACE_REPLY,
+            2,
+            lock_key(conversation),
+            redis_key(conversation),
+            fence,
+            message_id,
+            encode_turn(reply),
+        )
+        return int(done) == 1
+
+    async def add_usage(self, platform: str, user_id: str, day: str, tokens: int) -> int:
+        key = usage_key(platform, user_id, day)
+        return int(await self._redis.eval(ADD_USAGE, 1, key, tokens, USAGE_SECONDS))
+
+    async def usage_of(self, platform: str, user_id: str, day: str) -> tuple[int, bool]:
+        key = usage_key(platform, user_id, day)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(key)
+            pipe.exists(f"{key}:told")
+            used, told = await pipe.execute()
+        return int(used or 0), bool(told)
+
+    async def claim_usage_note(self, platform: str, user_id: str, day: str) -> bool:
+        key = f"{usage_key(platform, user_id, day)}:told"
+        return bool(await self._redis.set(key, 1, nx=True, ex=USAGE_SECONDS))
+
+    async def forget_usage(self, platform: str, user_id: str, days: Sequence[str]) -> None:
+        keys = [usage_key(platform, user_id, day) for day in days]
+        if keys:  # one slot (the person's): one command
+            await self._redis.delete(*keys, *(f"{key}:told" for key in keys))
+
+    async def vote(
+        self, conversation: ConversationKey, reply_id: str, voter_id: str, verdict: str
+    ) -> str | None:
+        key = vote_key(conversation, reply_id)
+        before = await self._redis.eval(VOTE, 1, key, voter_id, verdict, self._ttl)
+        return before if isinstance(before, str) else None
 
     async def mark_forgotten(self, platform: str, user_id: str, at: float) -> None:
         # Kept as long as memory keeps anything: far past any message still in flight.

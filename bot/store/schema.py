@@ -12,11 +12,15 @@ per person of the conversations holding their turns, and a lock per conversation
     chatbot:lock:{<platform>:<channel>}[:<thread>]  ->  the lock's token
     chatbot:append:{<platform>:<channel>}:<token>   ->  an append already done
     chatbot:forgotten:{<platform>:<user id>}        ->  when they last used /forget
+    chatbot:usage:{<platform>:<user id>}:<day>      ->  tokens used that UTC day
+    chatbot:usage:{<platform>:<user id>}:<day>:told ->  the limit's note was sent
+    chatbot:vote:{<platform>:<channel>}:<reply id>  ->  {voter id: "up" | "down"}
 
 each list element ``{"role": "user" | "assistant", "content": "...", "author_id": "...",
-"author_name": "...", "at": <epoch seconds sent>}`` (author and time only on user
-turns). The braces are Redis Cluster hash tags: a channel's keys share a slot, and no
-command ever spans two slots; a person's set and /forget mark share theirs.
+"author_name": "...", "at": <epoch seconds sent>, "id": "<platform message id>"}``
+(author, time and id only on user turns). The braces are Redis Cluster hash tags: a
+channel's keys share a slot, and no command ever spans two slots; a person's set,
+/forget mark and counters share theirs.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ APPEND_PREFIX = "chatbot:append:"
 LOCK_PREFIX = "chatbot:lock:"
 USER_PREFIX = "chatbot:user:"
 FORGOTTEN_PREFIX = "chatbot:forgotten:"
+USAGE_PREFIX = "chatbot:usage:"
+VOTE_PREFIX = "chatbot:vote:"
 
 
 def whole_exchanges(max_turns: int) -> int:
@@ -113,6 +119,16 @@ def without_author(
     return kept, removed
 
 
+def usage_key(platform: str, user_id: str, day: str) -> str:
+    """A person's token count for one UTC day (`day`: ISO date); in their slot."""
+    return f"{USAGE_PREFIX}{{{platform}:{user_id}}}:{day}"
+
+
+def vote_key(conversation: ConversationKey, reply_id: str) -> str:
+    """The votes on one reply; in its channel's slot."""
+    return f"{VOTE_PREFIX}{_slot(conversation)}:{reply_id}"
+
+
 def append_key(conversation: ConversationKey, token: str) -> str:
     """Where an append's token is remembered (idempotent appends)."""
     return f"{APPEND_PREFIX}{_slot(conversation)}:{token}"
@@ -129,6 +145,8 @@ def encode_turn(turn: Turn) -> str:
         data |= {"author_id": turn.author_id, "author_name": turn.author_name}
     if turn.sent_at is not None:
         data["at"] = turn.sent_at
+    if turn.message_id:
+        data["id"] = turn.message_id
     return json.dumps(data, ensure_ascii=False)
 
 
@@ -142,10 +160,12 @@ def decode_turn(raw: str | bytes) -> Turn | None:
     if role not in ("user", "assistant") or not isinstance(content, str):
         return None
     author_id, author_name, at = data.get("author_id"), data.get("author_name"), data.get("at")
+    message_id = data.get("id")
     return Turn(
         role=role,
         content=content,
         author_id=author_id if isinstance(author_id, str) else "",
         author_name=author_name if isinstance(author_name, str) else "",
         sent_at=float(at) if isinstance(at, int | float) and not isinstance(at, bool) else None,
+        message_id=message_id if isinstance(message_id, str) else "",
     )
