@@ -111,7 +111,9 @@ class ReplyStream:
         self.message = message
         self._outcome = _Outcome()
         self._chunks = engine._produce(message, self._outcome, regenerate_for)
-        if message.message_id:
+        # Never in place of a reply still being written to that message (a Regenerate
+        # pressed meanwhile waits its turn, and is refused: the live one stays stoppable).
+        if message.message_id and engine.live(message.conversation, message.message_id) is None:
             engine._live[(message.conversation, message.message_id)] = self
 
     @property
@@ -435,6 +437,7 @@ class Engine:
                 )
                 turns = [asked, Turn("assistant", answer)]
                 if await self.memory.append(conversation, turns, present=authors(history)):
+                    written.kept = True
                     # While the person reads and types: the next turn's prompt prepared
                     # (its history as memory keeps it), so it reads only its new text.
                     kept = from_first_user_turn([*history, *turns][-self.memory.max_turns :])
@@ -443,6 +446,8 @@ class Engine:
                 else:
                     # Not kept (forgotten meanwhile, the store away): nor is its cache.
                     self.backend.forget(str(conversation))
+            if written.kept and out.reply is not None:
+                out.reply = dataclasses.replace(out.reply, kept=True)
             await self._count(message.platform, message.author_id, prompt, answer)
             latency = time.perf_counter() - started
             log.info(
@@ -555,7 +560,13 @@ class Engine:
             metrics.REGENERATED.labels(conversation.platform).inc()
             if written.answer:
                 replaced = Turn("assistant", written.answer)
-                if await self.memory.replace_reply(conversation, message_id, replaced):
+                try:
+                    stored = await self.memory.replace_reply(conversation, message_id, replaced)
+                except REDIS_ERRORS:
+                    stored = False
+                if stored:
+                    if out.reply is not None:
+                        out.reply = dataclasses.replace(out.reply, kept=True)
                     kept = [*earlier, asked, replaced]
                     kept_shown, following = self._labelled(message, kept, asked.author_name)
                     self.backend.warm(str(conversation), kept_shown, persona, following)
@@ -573,3 +584,4 @@ class _Written:
     answer: str = ""
     stopped: bool = False
     failed: bool = False
+    kept: bool = False  # stored in memory

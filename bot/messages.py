@@ -93,6 +93,9 @@ class Reply:
     stopped: bool = False  # Stop was pressed: the text so far, then the stopped mark
     refused: bool = False  # a Regenerate refused: `text` is the note for the presser only
     silent: bool = False  # past the daily limit and already told: post nothing
+    # An answer now in memory (a Regenerate or a vote has something to act on); False
+    # for notes (busy, the daily limit, an empty message), apologies, unstored replies.
+    kept: bool = False
 
 
 def clean_text(text: str) -> str:

@@ -3,9 +3,10 @@
 The bot's `AsyncWebClient` is pointed at it with `base_url`; every call is recorded
 with its arguments. `fail` queues error answers (429 with Retry-After, 500) for a
 method. Answers follow Slack's documented JSON. `users.info` answers from `people`;
-`share` makes a file object whose `url_private_download` this fake serves (recording
-each download with its Authorization header), or fails (a status, a hang, a sign-in
-page), as Slack's file server can.
+`press` builds the `block_actions` payload Slack sends when someone presses a button
+on a message the bot posted; `share` makes a file object whose `url_private_download`
+this fake serves (recording each download with its Authorization header), or fails (a
+status, a hang, a sign-in page), as Slack's file server can.
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ class Call:
     status: int = 200
     response: dict[str, Any] | None = None
     at: float = field(default_factory=time.monotonic)
+
+
+def blocks_of(args: dict[str, Any]) -> list[dict[str, Any]]:
+    """A Web API call's `blocks`: sent as JSON (a list) or form-encoded (a string)."""
+    blocks = args.get("blocks") or []
+    parsed: list[dict[str, Any]] = json.loads(blocks) if isinstance(blocks, str) else blocks
+    return parsed
 
 
 class FakeSlack(FakeServer[Call]):
@@ -125,6 +133,8 @@ class FakeSlack(FakeServer[Call]):
             }
         if method == "chat.postMessage":
             message = {"type": "message", "text": args.get("text"), "user": BOT_USER, "ts": ts}
+            if args.get("blocks"):
+                message["blocks"] = blocks_of(args)
             return {"ok": True, "channel": channel, "ts": ts, "message": message}
         if method == "chat.update":
             return {"ok": True, "channel": channel, "ts": args.get("ts"), "text": args.get("text")}
@@ -236,6 +246,69 @@ class FakeSlack(FakeServer[Call]):
             for c in self.calls
             if c.method == method and c.status == 200 and (c.response or {"ok": True})["ok"]
         ]
+
+    def message(self, ts: str) -> dict[str, Any]:
+        """The bot's message `ts` as Slack shows it now (after chat.update): its
+        channel, thread, text and blocks."""
+        (post,) = [c for c in self.of("chat.postMessage") if (c.response or {}).get("ts") == ts]
+        shown = {"channel": post.args.get("channel"), "thread_ts": post.args.get("thread_ts"),
+                 "text": post.args.get("text"), "blocks": blocks_of(post.args)}  # fmt: skip
+        for update in self.of("chat.update"):
+            if update.args.get("ts") == ts:
+                shown |= {"text": update.args.get("text"), "blocks": blocks_of(update.args)}
+        return shown
+
+    def buttons(self, ts: str) -> dict[str, dict[str, Any]]:
+        """The buttons on message `ts` now, by action_id."""
+        return {
+            element["action_id"]: element
+            for block in self.message(ts)["blocks"]
+            if block.get("type") == "actions"
+            for element in block.get("elements", [])
+        }
+
+    def press(
+        self, ts: str, action_id: str, user: str, *, shown: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The `block_actions` payload of `user` pressing `action_id` on message `ts`
+        (recorded shape, trimmed), as the message is now or as `shown` (a message
+        still showing an older state, say in a client that has not refreshed)."""
+        message = shown or self.message(ts)
+        buttons = {
+            element["action_id"]: element
+            for block in message["blocks"]
+            if block.get("type") == "actions"
+            for element in block.get("elements", [])
+        }
+        button = buttons[action_id]  # KeyError: no such button on the message
+        channel = str(message["channel"])
+        container: dict[str, Any] = {"type": "message", "message_ts": ts, "channel_id": channel,
+                                     "is_ephemeral": False}  # fmt: skip
+        posted: dict[str, Any] = {"type": "message", "user": BOT_USER, "bot_id": BOT_ID,
+                                  "app_id": "A0APP00001", "ts": ts, "text": message["text"],
+                                  "blocks": message["blocks"], "team": TEAM}  # fmt: skip
+        if message.get("thread_ts"):
+            container["thread_ts"] = posted["thread_ts"] = message["thread_ts"]
+        name = "directmessage" if channel.startswith("D") else "general"
+        handle = str(self.people.get(user, {}).get("name") or user.lower())
+        return {
+            "type": "block_actions",
+            "user": {"id": user, "username": handle, "name": handle, "team_id": TEAM},
+            "api_app_id": "A0APP00001",
+            "token": "Shh_its_a_seekrit",
+            "container": container,
+            "trigger_id": "13345224609.738474920.8088930838d88f008e0",
+            "team": {"id": TEAM, "domain": "test"},
+            "enterprise": None,
+            "is_enterprise_install": False,
+            "channel": {"id": channel, "name": name},
+            "message": posted,
+            "state": {"values": {}},
+            "response_url": self.response_url,
+            "actions": [
+                {**button, "block_id": "chatbot_reply_actions", "action_ts": f"{time.time():.6f}"}
+            ],
+        }
 
     def final_texts(self, channel: str) -> list[str]:
         """What each message posted in `channel` says now, after chat.update."""

@@ -272,3 +272,30 @@ async def test_loop_not_blocked_while_stopping() -> None:
     await pressing
     assert text.endswith(STOPPED_MARK)
     await engine.close()
+
+
+async def test_kept_says_which_replies_have_something_for_the_buttons() -> None:
+    engine = Engine(LocalBackend(ScriptedModel("fine")), InProcessMemory(20, 600), daily_tokens=1)
+    assert (await engine.reply(said("hello"))).kept
+    assert not (await engine.reply(said("   "))).kept  # a note, not an answer
+    assert not (await engine.reply(said("again"))).kept  # the daily limit's note
+    await engine.close()
+
+
+async def test_a_regenerate_pressed_during_another_leaves_the_live_one_stoppable() -> None:
+    model = ScriptedModel(lambda t: "word " * 300 if len(model.inputs) > 1 else "short",
+                          chunk=5, delay=0.01)  # fmt: skip
+    engine = Engine(LocalBackend(model), InProcessMemory(20, 600))
+    await engine.reply(said("q"))
+    running = engine.regenerate(KEY, "m-q", "1")
+    chunks = aiter(running)
+    await anext(chunks)
+    meanwhile = engine.regenerate(KEY, "m-q", "2")  # Bob presses it too
+    assert engine.live(KEY, "m-q") is running
+    assert engine.stop(KEY, "m-q")
+    async for _ in chunks:
+        pass
+    assert running.reply is not None and running.reply.stopped
+    assert [c async for c in meanwhile] == []
+    assert meanwhile.reply is not None and meanwhile.reply.refused
+    await engine.close()

@@ -27,7 +27,14 @@ from adapters.slack.connection import SlackAdapter
 from adapters.slack.events import GREETING
 from adapters.slack.names import UserNames
 from adapters.slack.replies import UNFINISHED
-from adapters.slack.translate import CANNOT_POST, HELP_TEXT, NEUTRAL_NAME, REFUSAL, escape
+from adapters.slack.translate import (
+    CANNOT_POST,
+    HELP_TEXT,
+    MESSAGE_LIMIT,
+    NEUTRAL_NAME,
+    REFUSAL,
+    escape,
+)
 from bot.engine import APOLOGY, Engine
 from bot.forgetting import describe
 from bot.inference.backend import Prompt
@@ -49,6 +56,7 @@ from tests.fake_slack import (
     OTHER_CHANNEL,
     Call,
     FakeSlack,
+    blocks_of,
     payload,
 )
 from tests.scripted import ScriptedModel
@@ -365,7 +373,11 @@ async def test_long_reply_goes_on_in_further_thread_messages(slack_bot: Factory)
     await bot.posts(3)
     await bot.settle()
     finals = bot.fake.final_texts(CHANNEL)
-    assert len(finals) >= 3 and all(len(t) <= 3900 for t in finals)
+    assert len(finals) >= 3 and all(len(t) <= MESSAGE_LIMIT <= 3000 for t in finals)
+    for call in bot.fake.of("chat.postMessage") + bot.fake.of("chat.update"):
+        # Each message's text is also its Block Kit section, within the section's limit.
+        section = blocks_of(call.args)[0]
+        assert section["type"] == "section" and section["text"]["text"] == call.args["text"]
     assert all(p.args["thread_ts"] == body["event"]["ts"] for p in bot.fake.of("chat.postMessage"))
     assert all(t.count("```") % 2 == 0 for t in finals)  # every part's fences closed
     lines = [ln for t in finals for ln in t.splitlines() if ln.startswith("x_")]
@@ -747,7 +759,7 @@ async def test_a_reply_failing_after_several_messages_leaves_no_fragments(
     slack_bot: Factory,
 ) -> None:
     text = "\n\n".join(f"Paragraph {i}: " + "words " * 60 for i in range(30))
-    bot = await slack_bot(FailsMidway(text, fail_at=6000))
+    bot = await slack_bot(FailsMidway(text, fail_at=4500))
     await bot.send("app_mention")
     await bot.posts(2)  # the failed reply spans two messages
     await bot.settle()

@@ -176,7 +176,8 @@ def test_manifest_asks_for_files_names_and_forget() -> None:
     assert {"files:read", "users:read"} <= set(scopes)
     commands = {c["command"]: c for c in manifest["features"]["slash_commands"]}
     assert commands["/forget"]["description"] == COMMAND_HELP
-    assert set(commands) == {"/ask", "/persona", "/reset", "/forget"}
+    assert set(commands) == {"/ask", "/persona", "/reset", "/forget", "/usage"}
+    assert manifest["settings"]["interactivity"]["is_enabled"]  # the buttons under replies
     assert "/forget" in HELP_TEXT
 
 

@@ -1,4 +1,4 @@
-"""Slack slash commands: /ask, /reset, /persona and /forget."""
+"""Slack slash commands: /ask, /reset, /persona, /forget and /usage."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from bot import forgetting, personas
 from bot.engine import COMMAND_FAILED
 from bot.messages import ConversationKey, Message
 from bot.ratelimit import Verdict, rate_limit_note
+from bot.usage import describe_usage
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,20 @@ class SlashCommands(Replies):
             answer = forgetting.describe(await self.engine.forget_user(PLATFORM, user))
         except Exception:
             log.exception("/forget failed in channel %s", command.get("channel_id"))
+            answer = COMMAND_FAILED
+        await respond(text=answer, response_type="ephemeral")
+
+    async def on_usage(self, ack: Any, command: dict[str, Any], respond: Any) -> None:
+        """The person's own use of the bot today, and their daily limit: privately."""
+        await ack()
+        if not self._command_allowed(command, await self._is_own_dm(command)):
+            await respond(text=REFUSAL, response_type="ephemeral")
+            return
+        user = str(command.get("user_id", ""))
+        try:
+            answer = describe_usage(await self.engine.usage(PLATFORM, user))
+        except Exception:
+            log.exception("/usage failed in channel %s", command.get("channel_id"))
             answer = COMMAND_FAILED
         await respond(text=answer, response_type="ephemeral")
 

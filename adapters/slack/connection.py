@@ -2,11 +2,13 @@
 serving POST /slack/events on PORT (HTTP mode, requests signature-checked).
 
 Decisions (which events are answered, their conversation, their text, mrkdwn,
-splitting) live in `adapters.slack.translate`; the I/O is split by concern: this
-module's app and lifecycle, `events` (messages in), `replies` (streaming them out),
-`commands` (slash commands), `files` (shared files), `names` (people's display names,
-from users.info) and `context` (what they share). Bolt acknowledges events before the listeners run,
-so generation never delays the ack; slash commands ack first, then answer.
+splitting) live in `adapters.slack.translate`, the reply buttons' blocks and payloads
+in `adapters.slack.buttons`; the I/O is split by concern: this module's app and
+lifecycle, `events` (messages in), `replies` (streaming them out), `commands` (slash
+commands), `actions` (the buttons under replies), `files` (shared files), `names`
+(people's display names, from users.info) and `context` (what they share). Bolt
+acknowledges events before the listeners run, so generation never delays the ack;
+slash commands and buttons ack first, then answer.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.slack.actions import ReplyButtons
+from adapters.slack.buttons import ACTION_IDS
 from adapters.slack.commands import SlashCommands
 from adapters.slack.events import MessageEvents
 from adapters.slack.names import UserNames
@@ -45,7 +49,7 @@ from bot.streaming import EditPacer
 log = logging.getLogger(__name__)
 
 
-class SlackAdapter(MessageEvents, SlashCommands):
+class SlackAdapter(MessageEvents, SlashCommands, ReplyButtons):
     """Runs the bot on Slack until `stop` is set."""
 
     name = PLATFORM
@@ -113,6 +117,9 @@ class SlackAdapter(MessageEvents, SlashCommands):
         self.app.command("/reset")(self.on_reset)
         self.app.command("/persona")(self.on_persona)
         self.app.command("/forget")(self.on_forget)
+        self.app.command("/usage")(self.on_usage)
+        for action_id in sorted(ACTION_IDS):  # the buttons under replies
+            self.app.block_action(action_id)(self.on_button)
         self.app.error(self.on_error)
 
     async def on_error(self, error: Exception, body: dict[str, Any]) -> None:

@@ -22,7 +22,9 @@ from bot.settings import Settings
 from bot.splitting import split_message
 
 PLATFORM = "slack"
-MESSAGE_LIMIT = 3900  # Slack truncates text past 4,000 characters; keep a margin
+# Each message's text is also its Block Kit section (the buttons need blocks), whose
+# text is at most 3,000 characters (a message's own `text`: 4,000).
+MESSAGE_LIMIT = 3000
 # Message subtypes that are people writing: everything else (edits, deletions, joins,
 # bot messages, channel topic changes...) is ignored.
 ANSWERED_SUBTYPES = frozenset({None, "file_share", "thread_broadcast"})
@@ -30,7 +32,8 @@ HELP_TEXT = (
     "Mention me in a channel and I'll answer in a thread; reply in that thread and I'll "
     "follow without a new mention. DM me too, and attach text files for me to read. "
     "`/ask <question>` asks in this channel, `/reset` in a DM forgets our conversation, "
-    "`/forget` makes me forget everything you told me, everywhere."
+    "`/forget` makes me forget everything you told me, everywhere, `/usage` shows what "
+    "you've used today."
 )
 # Who wrote a message, or whom it mentions, when Slack would not say (users.info failed):
 # never the raw id, which means nothing to the model and would be stored.
