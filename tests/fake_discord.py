@@ -4,9 +4,11 @@ discord.py connects to it unmodified but for `Route.BASE`: it logs in over REST,
 opens the gateway, identifies, gets READY and GUILD_CREATE, and then the tests
 dispatch recorded gateway events (MESSAGE_CREATE, INTERACTION_CREATE) to it. Every
 REST call the bot makes is recorded with its JSON body, so tests inspect what went
-over the wire (content, allowed_mentions, message_reference). It also stands in for
-Discord's CDN: attachments a test hosts are served at their `url` (or fail, or hang),
-and each download is recorded too.
+over the wire (content, allowed_mentions, message_reference, components). The fake
+keeps each message the bot posted as it stands after its edits, so that a button
+press (a component interaction, type 3) carries the message as Discord sends it. It
+also stands in for Discord's CDN: attachments a test hosts are served at their `url`
+(or fail, or hang), and each download is recorded too.
 
 Discord's real formats: payloads under tests/payloads/discord/ follow the API docs.
 """
@@ -18,6 +20,7 @@ import copy
 import itertools
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +95,9 @@ class FakeDiscord(FakeServer[Call]):
         self.files: dict[str, tuple[int, bytes, bool]] = {}
         self.redirects: dict[str, str] = {}  # CDN path -> where a 302 sends the download
         self._release = asyncio.Event()  # ends hanging downloads when the fake stops
+        # message id -> the message as it stands (posted by the bot, then edited)
+        self.messages: dict[str, dict[str, Any]] = {}
+        self.interaction_types: dict[str, int] = {}  # interaction id -> its type
         self._ids = itertools.count(9000000000000000001)
         self._seq = itertools.count(1)
 
@@ -182,6 +188,8 @@ class FakeDiscord(FakeServer[Call]):
                 if status >= 500:
                     error = {"message": "Internal Server Error", "code": 0}
                 return json_response(error, status)
+            if request.method == "GET" and len(parts) == 3:
+                return json_response(self.history(channel, request.query))
             message_id = parts[3] if len(parts) > 3 else str(next(self._ids))
             if request.method == "DELETE":
                 self.deleted.add(message_id)
@@ -190,7 +198,17 @@ class FakeDiscord(FakeServer[Call]):
             gone = str(reference.get("message_id")) in self.deleted
             if gone and reference.get("fail_if_not_exists", True):
                 return json_response(UNKNOWN_REFERENCE, 400)  # else: posted as a plain message
-            call.response = self.message(channel, message_id, body or {})
+            if request.method == "PATCH" and message_id in self.messages:
+                # An edit changes the fields it names (content, components) only.
+                current = self.messages[message_id]
+                for name in ("content", "components"):
+                    if name in (body or {}):
+                        current[name] = (body or {})[name]
+                call.response = copy.deepcopy(current)
+            else:
+                call.response = self.message(channel, message_id, body or {})
+                if request.method == "POST":
+                    self.messages[message_id] = copy.deepcopy(call.response)
             return json_response(call.response)
         if parts[0] == "interactions":
             kind = (body or {}).get("type")
@@ -198,13 +216,26 @@ class FakeDiscord(FakeServer[Call]):
             resource: dict[str, Any] = {"type": kind}
             if kind == 4:
                 resource["message"] = self.message("0", str(next(self._ids)), data)
-            return json_response({"interaction": {"id": parts[1], "type": 2}, "resource": resource})
+            interaction = {"id": parts[1], "type": self.interaction_types.get(parts[1], 2)}
+            return json_response({"interaction": interaction, "resource": resource})
         if parts[0] == "webhooks":
             message_id = parts[-1] if parts[-2:-1] == ["messages"] else str(next(self._ids))
             if message_id == "@original":
                 message_id = str(next(self._ids))
             return json_response(self.message(GENERAL, message_id, body or {}))
         return json_response({"message": "404: Not Found", "code": 0}, 404)
+
+    def history(self, channel: str, query: Mapping[str, str]) -> list[dict[str, Any]]:
+        """GET /channels/{id}/messages?after=…&limit=…: the channel's messages that
+        the fake keeps (the bot's) after that id, the oldest `limit` of them, newest
+        first as Discord lists them."""
+        after = int(query.get("after", "0"))
+        found = sorted(
+            (m for m in self.messages.values() if m["channel_id"] == channel),
+            key=lambda m: int(m["id"]),
+        )
+        found = [m for m in found if int(m["id"]) > after and m["id"] not in self.deleted]
+        return [copy.deepcopy(m) for m in reversed(found[: int(query.get("limit", "50"))])]
 
     # --- the CDN ----------------------------------------------------------------------
 
@@ -251,6 +282,7 @@ class FakeDiscord(FakeServer[Call]):
             channel_id=channel,
             content=body.get("content", ""),
             author=payload("ready")["user"],
+            components=body.get("components", []),
         )
         data.pop("member", None)
         data["mentions"] = []
@@ -277,9 +309,66 @@ class FakeDiscord(FakeServer[Call]):
             content = str((post.body or {}).get("content", ""))
             for edit in self.edits():
                 if edit.path == f"/channels/{channel}/messages/{post.response['id']}":
-                    content = str((edit.body or {}).get("content", ""))
+                    content = str((edit.body or {})["content"])
             finals.append(content)
         return finals
 
     def edits(self) -> list[Call]:
+        """Edits of a message's text (PATCH /channels/{id}/messages/{id} with content)."""
+        return [c for c in self.patches() if "content" in (c.body or {})]
+
+    def patches(self) -> list[Call]:
+        """Every message edit: of its text, its buttons, or both."""
         return [c for c in self.calls if c.method == "PATCH" and "/messages/" in c.path]
+
+    # --- buttons --------------------------------------------------------------------
+
+    def buttons(self, message_id: str) -> list[dict[str, Any]]:
+        """The buttons a message carries now (its action rows' components)."""
+        rows = self.messages[message_id].get("components") or []
+        return [button for row in rows for button in row.get("components", [])]
+
+    def press(
+        self,
+        message_id: str,
+        custom_id: str,
+        interaction_id: str,
+        *,
+        user: str = ANN,
+        permissions: int = 1071698660929,
+    ) -> dict[str, Any]:
+        """The INTERACTION_CREATE that Discord sends when `user` presses a button
+        (component_type 2) on a message: type 3, `data.custom_id`, the message as it
+        stands, and the presser's permissions in the channel."""
+        message = copy.deepcopy(self.messages[message_id])
+        data = payload("interaction_create")
+        channel = dict(data["channel"], id=message["channel_id"])
+        if message["channel_id"] == THREAD:
+            channel.update(type=11, parent_id=GENERAL, name="a thread")
+        data.update(
+            id=interaction_id,
+            type=3,
+            token=f"token-{interaction_id}",
+            channel_id=message["channel_id"],
+            channel=channel,
+            message=message,
+            data={"custom_id": custom_id, "component_type": 2},
+        )
+        data["member"]["user"] = {
+            **data["member"]["user"],
+            "id": user,
+            "username": f"user{user[-2:]}",
+            "global_name": NAMES.get(user, "Someone"),
+        }
+        data["member"]["permissions"] = str(permissions)
+        self.interaction_types[interaction_id] = 3
+        return data
+
+    def callbacks(self, interaction_id: str) -> list[Call]:
+        """The answers to one interaction: its callback, follow-ups and their edits."""
+        return [
+            c
+            for c in self.calls
+            if c.path.startswith(f"/interactions/{interaction_id}/")
+            or c.path.startswith(f"/webhooks/{BOT_ID}/token-{interaction_id}")
+        ]

@@ -144,8 +144,12 @@ async def discord_bot(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Factory]
         memory: Memory | None = None,
         edit_interval: float = 0.2,
         typing_interval: float = 5.0,
+        daily_tokens: int = 0,
+        first_id: int = 6100000000000000001,
         **values: Any,
     ) -> Harness:
+        """`first_id`: the ids of the messages and interactions the test sends start
+        there (a second bot on the same fake, a restart, takes others)."""
         settings = make_settings(discord_token=TOKEN, **values)
         adapter = DiscordAdapter(
             settings, edit_interval=edit_interval, typing_interval=typing_interval
@@ -153,12 +157,14 @@ async def discord_bot(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Factory]
         # discord.py waits 2 s for more guilds before READY; the fake has only one.
         adapter.client._connection.guild_ready_timeout = 0.05
         engine = Engine(
-            LocalBackend(runner or ScriptedModel()), memory or InProcessMemory(20, 3600)
+            LocalBackend(runner or ScriptedModel()),
+            memory or InProcessMemory(20, 3600),
+            daily_tokens=daily_tokens,
         )
         stop = asyncio.Event()
         task = asyncio.create_task(adapter.run(engine, stop))
         await asyncio.wait_for(adapter.ready.wait(), 30)
-        harness = Harness(fake, adapter, engine, stop, task, itertools.count(6100000000000000001))
+        harness = Harness(fake, adapter, engine, stop, task, itertools.count(first_id))
         harnesses.append(harness)
         return harness
 
@@ -415,7 +421,7 @@ async def test_slash_ask_reset_and_help(discord_bot: Factory) -> None:
     bot = await discord_bot(model)
     synced = [c for c in bot.fake.calls if c.method == "PUT" and c.path.endswith("/commands")]
     commands = {cmd["name"]: cmd["description"] for cmd in synced[0].body or []}
-    assert set(commands) == {"ask", "reset", "forget", "help", "persona"}
+    assert set(commands) == {"ask", "reset", "forget", "usage", "help", "persona"}
     assert commands["forget"] == forgetting.COMMAND_HELP
 
     await bot.interact("ask", [{"name": "prompt", "type": 3, "value": "what is up"}])
@@ -902,10 +908,13 @@ async def test_forget_removes_one_persons_turns_in_every_channel(
     memory = RedisMemory(redis_server.url, 20, 3600)
     bot = await discord_bot(model, memory=memory)
     sent = 0
+    bobs: dict[str, str] = {}  # channel -> Bob's message id there
     for channel in (GENERAL, RANDOM):
         for author in (ANN, BOB, ANN):
             text = f"<@{BOT_ID}> {NAMES[author]} in {channel}"
-            await bot.say(text, channel=channel, author=author)
+            message_id = await bot.say(text, channel=channel, author=author)
+            if author == BOB:
+                bobs[channel] = message_id
             sent += 1
             await bot.replies(sent)
             await bot.settle()
@@ -922,8 +931,9 @@ async def test_forget_removes_one_persons_turns_in_every_channel(
             stored = [json.loads(raw) for raw in await store.lrange(key, 0, -1)]
             assert isinstance(stored[0].pop("at"), float)  # when Bob sent it
             bob = f"Bob in {channel}"
+            asked = {"role": "user", "content": bob, "author_id": BOB, "author_name": "Bob"}
             assert stored == [
-                {"role": "user", "content": bob, "author_id": BOB, "author_name": "Bob"},
+                {**asked, "id": bobs[channel]},  # the message id: what Regenerate names
                 {"role": "assistant", "content": f"re: {bob}"},
             ]
         assert not await store.exists(user_key("discord", ANN))

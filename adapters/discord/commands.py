@@ -1,10 +1,9 @@
-"""Discord slash commands: /ask, /reset, /forget, /help and /persona, each answered
+"""Discord slash commands: /ask, /reset, /forget, /usage, /help and /persona, each answered
 within Discord's 3 s (deferred first where the work may wait)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 import discord
 from discord import app_commands
@@ -22,9 +21,9 @@ from adapters.discord.translate import (
     strip_mentions,
 )
 from bot import forgetting, personas
-from bot.engine import COMMAND_FAILED
 from bot.messages import Message
 from bot.ratelimit import Verdict, rate_limit_note
+from bot.usage import describe_usage
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +47,10 @@ class SlashCommands(DiscordContext):
         async def forget(interaction: discord.Interaction) -> None:
             await self.slash_forget(interaction)
 
+        @self.tree.command(name="usage", description="Your use of the bot today, and your limit")
+        async def usage(interaction: discord.Interaction) -> None:
+            await self.slash_usage(interaction)
+
         @self.tree.command(name="help", description="How to talk to the bot")
         async def help_(interaction: discord.Interaction) -> None:
             await interaction.response.send_message(HELP_LINE, ephemeral=True)
@@ -68,16 +71,6 @@ class SlashCommands(DiscordContext):
             await self.slash_persona(interaction, "clear", "")
 
         self.tree.add_command(persona)
-
-    async def _refused(self, interaction: discord.Interaction) -> bool:
-        """Whether the command is refused here (not allowed, or the bot is stopping);
-        the person is told so privately."""
-        allowed = self._inflight.accepting and self._allowed(
-            interaction.user, interaction.guild, interaction.channel
-        )
-        if not allowed:
-            await interaction.response.send_message(REFUSAL, ephemeral=True)
-        return not allowed
 
     async def slash_ask(self, interaction: discord.Interaction, prompt: str) -> None:
         if await self._refused(interaction):
@@ -146,22 +139,13 @@ class SlashCommands(DiscordContext):
 
         await self._after_defer(interaction, forget)
 
-    async def _after_defer(
-        self, interaction: discord.Interaction, work: Callable[[], Awaitable[str]]
-    ) -> None:
-        """Acknowledge at once (privately), then do `work` and show what it returns.
+    async def slash_usage(self, interaction: discord.Interaction) -> None:
+        """The person's own use today and their limit, privately."""
+        if await self._refused(interaction):
+            return
+        user = str(interaction.user.id)
 
-        `work` may wait on the engine (a reply being written in the same conversation)
-        or on Redis; Discord wants an answer to the interaction within 3 s.
-        """
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        try:
-            answer = await work()
-        except Exception:
-            name = interaction.command.name if interaction.command else "command"
-            log.exception("/%s failed in channel %s", name, interaction.channel_id)
-            answer = COMMAND_FAILED
-        await self._safely(
-            interaction.channel,
-            interaction.edit_original_response(content=answer, allowed_mentions=NO_MENTIONS),
-        )
+        async def usage() -> str:
+            return describe_usage(await self.engine.usage(PLATFORM, user))
+
+        await self._after_defer(interaction, usage)

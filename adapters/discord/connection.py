@@ -74,6 +74,7 @@ class DiscordAdapter(MessageEvents, SlashCommands):
         self._inflight = InFlight("Discord", settings.shutdown_grace_seconds)
         self._threads: RecentSet[int] = RecentSet(KNOWN_THREADS)  # the bot answered there
         self._not_ours: RecentSet[int] = RecentSet(KNOWN_THREADS, NOT_OURS_SECONDS)
+        self._init_controls()
         self._register()
 
     # --- connection ---------------------------------------------------------------------
@@ -85,6 +86,8 @@ class DiscordAdapter(MessageEvents, SlashCommands):
         self._add_commands()
 
     async def setup_hook(self) -> None:
+        # The buttons of replies posted before a restart are handled too.
+        self.client.add_dynamic_items(self._button)
         try:
             if self.rules.guilds:
                 for guild_id in sorted(self.rules.guilds):

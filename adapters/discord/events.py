@@ -1,5 +1,6 @@
 """Discord messages in: which are answered (mentions, DMs, the bot's threads), their
-attachments read, "is typing…" shown, and the reply streamed by edits."""
+attachments read, "is typing…" shown, and the reply streamed by edits (with its
+buttons: `adapters.discord.controls`)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,13 @@ import aiohttp
 import discord
 
 from adapters.bounded import RecentSet
-from adapters.discord.context import DiscordContext
+from adapters.discord.controls import ReplyControls
 from adapters.discord.translate import (
     HELP_LINE,
-    NO_MENTIONS,
+    PLATFORM,
     Trigger,
     conversation_key,
     file_refs,
-    reply_parts,
     to_message,
     trigger,
 )
@@ -28,7 +28,7 @@ from adapters.downloads import download
 from bot.attachments import FileRef, read_files
 from bot.messages import Message
 from bot.ratelimit import Verdict, rate_limit_note
-from bot.streaming import EditPacer, GrowingReply, play
+from bot.streaming import EditPacer
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ KNOWN_THREADS = 10_000
 NOT_OURS_SECONDS = 600.0
 
 
-class MessageEvents(DiscordContext):
+class MessageEvents(ReplyControls):
     """`on_message` and the reply it streams."""
 
     pacer: EditPacer
@@ -125,40 +125,39 @@ class MessageEvents(DiscordContext):
 
     async def _answer(self, origin: discord.Message, incoming: Message) -> None:
         """Read the attachments, then stream the reply: the first part replies to
-        `origin`, the rest follow it."""
-
-        async with self._typing(origin.channel) as stop_typing:
+        `origin` (with Stop under it), the rest follow it."""
+        typing = not await self._silenced(incoming)
+        async with self._typing(origin.channel, typing) as stop_typing:
             incoming = await self._with_files(origin, incoming)
+            stop = self.stop_view(incoming.conversation, incoming.message_id)
 
-            async def post(index: int, part: str) -> discord.Message:
-                if index == 0:
-                    # Posting clears "is typing…"; typing again would show it for
-                    # another ~10 s while the reply is only being edited.
-                    await stop_typing()
-                    return await self._reply_to(origin, part)
-                return await origin.channel.send(part, allowed_mentions=NO_MENTIONS)
+            async def first(part: str) -> discord.Message:
+                # Posting clears "is typing…"; typing again would show it for
+                # another ~10 s while the reply is only being edited.
+                await stop_typing()
+                return await self._reply_to(origin, part, stop)
 
-            async def edit(message: discord.Message, part: str) -> object:
-                return await message.edit(content=part, allowed_mentions=NO_MENTIONS)
+            stream = self.engine.stream(incoming)
+            reply = self._growing(origin.channel, stream, first)
+            work = self._play(stream, reply, incoming.conversation, incoming.message_id)
+            await self._safely(origin.channel, work)
 
-            async def retract(message: discord.Message) -> object:
-                with contextlib.suppress(discord.NotFound):
-                    await message.delete()
-                return None
-
-            # Paced per channel: Discord rate-limits edits per channel, and one global
-            # timer would slow every channel down to the busiest one.
-            reply = GrowingReply(
-                reply_parts, post, edit, self.pacer, lambda m: m.channel.id, retract=retract
-            )
-            await self._safely(origin.channel, play(self.engine.stream(incoming), reply))
+    async def _silenced(self, incoming: Message) -> bool:
+        """Whether the person has spent today's allowance: the engine answers with a
+        note at once (no "is typing…" needed), or with silence (none may show)."""
+        if not self.engine.daily_tokens:
+            return False
+        try:
+            return (await self.engine.usage(PLATFORM, incoming.author_id)).exhausted
+        except Exception:  # the store away: the engine answers (it cannot count either)
+            return False
 
     @contextlib.asynccontextmanager
     async def _typing(
-        self, channel: discord.abc.Messageable
+        self, channel: discord.abc.Messageable, show: bool = True
     ) -> AsyncIterator[Callable[[], Awaitable[None]]]:
-        """ "is typing…" until the function it yields is called (or the block ends);
-        best effort: a refused typing call changes nothing else."""
+        """ "is typing…" (if `show`) until the function it yields is called (or the
+        block ends); best effort: a refused typing call changes nothing else."""
 
         async def trigger_typing() -> None:
             with contextlib.suppress(discord.HTTPException):
@@ -169,10 +168,14 @@ class MessageEvents(DiscordContext):
                 await asyncio.sleep(self.typing_interval)
                 await trigger_typing()
 
-        await trigger_typing()
-        task = asyncio.create_task(keep_typing())
+        task: asyncio.Task[None] | None = None
+        if show:
+            await trigger_typing()
+            task = asyncio.create_task(keep_typing())
 
         async def stop() -> None:
+            if task is None:
+                return
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

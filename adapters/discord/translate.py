@@ -35,7 +35,8 @@ HELP_LINE = (
     "Mention me with a question, reply to one of my messages, or send me a DM, and I'll "
     "answer; I read attached text files too. `/ask` asks privately-to-the-channel, "
     "`/reset` makes me forget this channel's conversation, `/forget` deletes everything "
-    "you've told me, everywhere."
+    "you've told me, everywhere, and `/usage` shows what you've used today. Under my "
+    "replies: Stop while I write, then Regenerate, 👍 and 👎."
 )
 REFUSAL = "Sorry, I'm not available to you here."
 
