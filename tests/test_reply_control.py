@@ -299,3 +299,25 @@ async def test_a_regenerate_pressed_during_another_leaves_the_live_one_stoppable
     assert [c async for c in meanwhile] == []
     assert meanwhile.reply is not None and meanwhile.reply.refused
     await engine.close()
+
+
+async def test_regenerate_samples_on_the_real_model_and_greedy_rows_stay_greedy(
+    bundled: LoadedModel,
+) -> None:
+    """The bundled model answers greedily by default; Regenerate's row samples at its
+    own temperature (seeded: the same run gives the same words), beside a greedy row
+    that writes what it writes alone."""
+    memory = InProcessMemory(20, 600)
+    engine = Engine(LocalBackend(greedy(bundled, max_new_tokens=24, seed=7)), memory)
+    question = said("Tell me about the moon.", message_id="q")
+    first = await engine.reply(question)
+    alone = await engine.reply(said("What is 2 + 2?", message_id="solo", where=OTHER))
+    await engine.reset(OTHER)
+    again = engine.regenerate(KEY, "q", "1")
+    beside = asyncio.create_task(engine.reply(said("What is 2 + 2?", message_id="b", where=OTHER)))
+    text = "".join([chunk async for chunk in again])
+    assert again.reply is not None and again.reply.ok and again.reply.kept
+    assert text.strip() != first.text.strip(), "sampled, not the greedy reply again"
+    assert (await beside).text == alone.text, "the greedy row beside it is unchanged"
+    assert (await memory.history(KEY))[1].content == text.strip()
+    await engine.close()

@@ -249,6 +249,11 @@ class Generator:
             self._openings[fmt.system_prompt] = known
         return known
 
+    def count_tokens(self, text: str) -> int:
+        """How many tokens `text` is to this model (for usage limits)."""
+        with self._tokenizer_lock:
+            return len(self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def generate(
         self,
         prompt: Prompt,
@@ -269,6 +274,21 @@ class Generator:
         Causal models are padded on the left (the new tokens line up at the end), encoder
         inputs on the right; the attention mask hides the padding either way.
         """
+        own = {p.temperature for p in prompts}
+        if len(own) > 1:  # a Regenerate's own temperature: its own `generate` call
+            texts = [""] * len(prompts)
+            for temperature in own:
+                rows = [i for i, p in enumerate(prompts) if p.temperature == temperature]
+                done = self.generate_batch(
+                    [prompts[i] for i in rows], [sinks[i] for i in rows], [stops[i] for i in rows]
+                )
+                for i, text in zip(rows, done, strict=True):
+                    texts[i] = text
+            return texts
+        (temperature,) = own
+        options = self.options
+        if temperature is not None:
+            options = dataclasses.replace(options, temperature=temperature)
         tokenizer = self.loaded.tokenizer
         pad = tokenizer.pad_token_id
         width = max(len(p.input_ids) for p in prompts)
@@ -291,7 +311,7 @@ class Generator:
                 pad_token_id=pad,
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([_StopWhenSet(stops)]),
-                **self.options.generate_kwargs(),
+                **options.generate_kwargs(),
             )
         metrics.TOKENS.inc(streamer.token_count())
         return [streamer.text(row) for row in range(len(prompts))]

@@ -101,6 +101,7 @@ class LocalBackend(Backend):
                     stop,
                     lambda _text, error: hand_over(_End(error)),
                     shared=prompt.shared,
+                    temperature=prompt.temperature,
                 )
             )
         else:

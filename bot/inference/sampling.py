@@ -37,18 +37,27 @@ class Sampler:
     ) -> None:
         self.greedy = temperature <= 0
         self.seed = seed
-        processors: list[Any] = []
-        if repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-        if not self.greedy:
-            processors.append(TemperatureLogitsWarper(temperature))
-            if top_p < 1.0:
-                processors.append(TopPLogitsWarper(top_p))
-        self._processors = LogitsProcessorList(processors)
+        self._top_p = top_p
+        self._repetition_penalty = repetition_penalty
+        self._processors = self._processors_for(temperature)
+        self._own: dict[float, LogitsProcessorList] = {}  # replies' own temperatures
 
-    def generator(self, prompt: list[int], device: torch.device) -> torch.Generator | None:
-        """A new reply's random stream (None when greedy)."""
-        if self.greedy:
+    def _processors_for(self, temperature: float) -> LogitsProcessorList:
+        processors: list[Any] = []
+        if self._repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(self._repetition_penalty))
+        if temperature > 0:
+            processors.append(TemperatureLogitsWarper(temperature))
+            if self._top_p < 1.0:
+                processors.append(TopPLogitsWarper(self._top_p))
+        return LogitsProcessorList(processors)
+
+    def generator(
+        self, prompt: list[int], device: torch.device, temperature: float | None = None
+    ) -> torch.Generator | None:
+        """A new reply's random stream (None when greedy); `temperature`: the reply's
+        own (a Regenerate), else the configured one."""
+        if self.greedy if temperature is None else temperature <= 0:
             return None
         generator = torch.Generator(device=device)
         if self.seed is None:
@@ -62,20 +71,59 @@ class Sampler:
         contexts: list[list[int]],
         generators: list[torch.Generator | None],
         logits: torch.Tensor,
+        temperatures: list[float | None] | None = None,
     ) -> list[int]:
         """The next token of each reply: `contexts[i]` its tokens so far (prompt and
-        reply), `logits[i]` its scores."""
+        reply), `logits[i]` its scores, `temperatures[i]` its own temperature (None:
+        the configured one). A reply with its own is chosen alone."""
+        own = [i for i, t in enumerate(temperatures or []) if t is not None]
+        if not own:
+            return self._choose(contexts, generators, logits, self.greedy, self._processors)
+        chosen = [0] * len(contexts)
+        rest = [i for i in range(len(contexts)) if i not in set(own)]
+        if rest:
+            picked = self._choose(
+                [contexts[i] for i in rest],
+                [generators[i] for i in rest],
+                logits[rest],
+                self.greedy,
+                self._processors,
+            )
+            for i, token in zip(rest, picked, strict=True):
+                chosen[i] = token
+        for i in own:
+            temperature = temperatures[i] if temperatures else None
+            assert temperature is not None
+            if temperature not in self._own:
+                self._own[temperature] = self._processors_for(temperature)
+            chosen[i] = self._choose(
+                [contexts[i]],
+                [generators[i]],
+                logits[i : i + 1],
+                temperature <= 0,
+                self._own[temperature],
+            )[0]
+        return chosen
+
+    def _choose(
+        self,
+        contexts: list[list[int]],
+        generators: list[torch.Generator | None],
+        logits: torch.Tensor,
+        greedy: bool,
+        processors: LogitsProcessorList,
+    ) -> list[int]:
         if not contexts:
             return []
         scores = logits
-        if self._processors:
+        if processors:
             # Shorter contexts padded with their own first token: the same set of tokens
             # (the repetition penalty looks only at which tokens were seen).
             width = max(len(tokens) for tokens in contexts)
             padded = [tokens + [tokens[0]] * (width - len(tokens)) for tokens in contexts]
             seen: Any = torch.tensor(padded, device=scores.device)
-            scores = self._processors(seen, scores)
-        if self.greedy:
+            scores = processors(seen, scores)
+        if greedy:
             return [int(token) for token in scores.argmax(-1).tolist()]
         probabilities = torch.softmax(scores, dim=-1)
         return [

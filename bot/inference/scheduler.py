@@ -82,6 +82,7 @@ class Row:
     background: bool = False  # reads its tokens into the cache only, after live work
     shared: int = 0  # leading tokens that other conversations' prompts share (the system's)
     share: bool = False  # to keep its shared tokens' cache for others when it ends
+    temperature: float | None = None  # its own sampling temperature (Regenerate)
     text: TextStream | None = None
     ended: bool = False
 
@@ -336,7 +337,8 @@ class Scheduler:
         else:
             self.read_tokens += len(row.prompt) - reuse
         if row.generator is None and not row.background:
-            row.generator = self.sampler.generator(row.prompt, self._pool.keys.device)
+            device = self._pool.keys.device
+            row.generator = self.sampler.generator(row.prompt, device, row.temperature)
         self.max_running = max(self.max_running, len(self._rows))
 
     def _plan(self) -> list[tuple[Row, int]]:
@@ -406,7 +408,10 @@ class Scheduler:
         rows = [row for row, _ in sampling]
         try:
             chosen: list[int] | None = self.sampler.choose(
-                [row.tokens for row in rows], [row.generator for row in rows], logits
+                [row.tokens for row in rows],
+                [row.generator for row in rows],
+                logits,
+                [row.temperature for row in rows],
             )
         except Exception:  # one row's sampling: find it by sampling each alone
             chosen = None
@@ -414,7 +419,9 @@ class Scheduler:
             try:
                 if chosen is None:
                     one = logits[index : index + 1]
-                    token = self.sampler.choose([row.tokens], [row.generator], one)[0]
+                    token = self.sampler.choose(
+                        [row.tokens], [row.generator], one, [row.temperature]
+                    )[0]
                 else:
                     token = chosen[index]
                 self._advance(row, token)
