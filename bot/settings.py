@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     torch_threads: PositiveInt | None = None
     # Sampling (TEMPERATURE > 0): each reply seeded from SEED and its prompt, so the
     # same message in the same conversation gets the same reply (unset: at random)
+    # The step scheduler's lean forward (bot.inference.fastpath): the model's own logits,
+    # bit for bit, in fewer calls; false runs the model's own forward.
+    fast_decode: bool = True
     seed: int | None = None
 
     # Conversation memory

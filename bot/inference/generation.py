@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 from bot import metrics
 from bot.inference.backend import Prompt
 from bot.inference.detokenize import TextStream
+from bot.inference.fastpath import fast_forward
 from bot.inference.kvcache import install, opening
 from bot.inference.loader import LoadedModel
 from bot.inference.prompt import PromptFormat, build_prompt, encode, renders_names
@@ -126,8 +128,10 @@ class Generator:
         chunk_tokens: int = 64,
         cache_bytes: int = 1 << 30,
         memory_turns: int = 20,
+        fast_decode: bool = True,
     ) -> None:
         self.loaded = loaded
+        self.fast_decode = fast_decode
         self.memory_turns = memory_turns
         self.format = PromptFormat(
             loaded.is_encoder_decoder,
@@ -193,6 +197,8 @@ class Generator:
                 step_tokens=chunk_tokens,
                 cache_bytes=cache_bytes,
                 seed=options.seed,
+                # The same logits as the model's own forward, in fewer calls.
+                fast=partial(fast_forward, self.loaded.model) if self.fast_decode else None,
             )
         except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory errors
             raise ConfigError(
@@ -211,6 +217,7 @@ class Generator:
             chunk_tokens=settings.prefill_chunk_tokens,
             cache_bytes=settings.kv_cache_mb << 20,
             memory_turns=settings.memory_max_turns,
+            fast_decode=settings.fast_decode,
         )
 
     def prepare(

@@ -172,6 +172,14 @@ class RaggedStep:
         self.decode_tokens = torch.tensor([offsets[i] for i, _, _ in self.decoding], device=device)
         self.decode_slots = torch.tensor([s for _, s, _ in self.decoding], device=device)
         self.decode_length = max((p + 1 for _, _, p in self.decoding), default=0)
+        # Decoding rows in slots 0, 1, … and tokens 0, 1, … of the step (all rows
+        # decoding, slots packed): their queries and outputs need no scatter.
+        self.dense = [s for _, s, _ in self.decoding] == list(range(self.width)) and [
+            offsets[i] for i, _, _ in self.decoding
+        ] == list(range(self.width))
+        # Masks are made once per step, not once per layer, as the additive masks SDPA
+        # would make of boolean ones (0 where seen, -inf elsewhere: the same numbers).
+        dtype = pool.keys.dtype
         if self.decoding:
             pool.clean(self.width, self.decode_length)
             lengths = torch.zeros(self.width, dtype=torch.long, device=device)
@@ -179,15 +187,17 @@ class RaggedStep:
             # Slots without a decoding row see position 0 only: a defined, unused result.
             lengths.clamp_(min=1)
             span = torch.arange(self.decode_length, device=device)
-            self.decode_mask = (span[None, :] < lengths[:, None])[:, None, None, :]
+            seen = (span[None, :] < lengths[:, None])[:, None, None, :]
+            self.decode_mask = _additive(seen, dtype)
         # Prompt chunks: causal within the chunk, after everything cached before it.
         self.chunks = []
         for i, (slot, past, count) in enumerate(spans):
             if count > 1:
                 keys = torch.arange(past + count, device=device)
                 queries = torch.arange(past, past + count, device=device)
-                mask = keys[None, :] <= queries[:, None]
+                mask = _additive(keys[None, :] <= queries[:, None], dtype)
                 self.chunks.append((offsets[i], slot, past, count, mask))
+        self._grouped: dict[int, torch.Tensor] = {}  # chunk masks for each query group
 
     def attend(
         self,
@@ -209,9 +219,13 @@ class RaggedStep:
         if self.decoding:
             # Query heads grouped under their key/value head (as repeat_kv orders them),
             # so grouped-query attention needs no copy of the keys.
-            q = query.new_zeros((self.width, kv_heads, group, dim))
-            picked = query[0, :, self.decode_tokens].transpose(0, 1)  # [rows, heads, dim]
-            q[self.decode_slots] = picked.reshape(-1, kv_heads, group, dim)
+            if self.dense:
+                picked = query[0, :, : self.width].transpose(0, 1)  # [rows, heads, dim]
+                q = picked.reshape(self.width, kv_heads, group, dim)
+            else:
+                q = query.new_zeros((self.width, kv_heads, group, dim))
+                picked = query[0, :, self.decode_tokens].transpose(0, 1)
+                q[self.decode_slots] = picked.reshape(-1, kv_heads, group, dim)
             length = self.decode_length
             attended = F.scaled_dot_product_attention(
                 q,
@@ -220,19 +234,34 @@ class RaggedStep:
                 attn_mask=self.decode_mask,
                 scale=scaling,
             )
-            out[0, self.decode_tokens] = attended[self.decode_slots].reshape(-1, heads, dim)
-        for start, slot, past, count, mask in self.chunks:
+            if self.dense and not self.chunks:
+                return attended.reshape(1, self.width, heads, dim)
+            if self.dense:
+                out[0, : self.width] = attended.reshape(-1, heads, dim)
+            else:
+                out[0, self.decode_tokens] = attended[self.decode_slots].reshape(-1, heads, dim)
+        for index, (start, slot, past, count, mask) in enumerate(self.chunks):
             q = query[0, :, start : start + count].reshape(kv_heads, group * count, dim)
+            grouped = self._grouped.get(index)
+            if grouped is None:  # the first layer's: the same for every layer
+                grouped = self._grouped[index] = mask.repeat(group, 1)
             attended = F.scaled_dot_product_attention(
                 q.unsqueeze(0),
                 keys[slot : slot + 1, :, : past + count],
                 values[slot : slot + 1, :, : past + count],
-                attn_mask=mask.repeat(group, 1),
+                attn_mask=grouped,
                 scale=scaling,
             )
             rows = attended[0].reshape(kv_heads, group, count, dim).reshape(heads, count, dim)
             out[0, start : start + count] = rows.transpose(0, 1)
         return out
+
+
+def _additive(seen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as SDPA turns it into numbers: 0 where seen, -inf not."""
+    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(
+        seen.logical_not(), float("-inf")
+    )
 
 
 @dataclass

@@ -43,6 +43,9 @@ from bot.inference.sampling import Sampler
 
 log = logging.getLogger(__name__)
 
+# (flat token ids, the step, the positions whose logits to keep) -> [kept, vocab]
+Forward = Callable[[torch.Tensor, RaggedStep, torch.Tensor], torch.Tensor]
+
 
 # The longest system prompt (or persona) whose cache is shared across conversations.
 SHARED_MAX_TOKENS = 1024
@@ -105,8 +108,14 @@ class Scheduler:
         step_tokens: int = 64,
         cache_bytes: int = 1 << 30,
         seed: int | None = None,
+        fast: Callable[[], Forward | None] | None = None,
     ) -> None:
         self.model = model
+        # The model's logits for a step without its own forward (bot.inference.fastpath),
+        # made by `fast` on the worker thread before its first step (~0.1-0.2 s, off
+        # the start-up path); None: the model's own forward.
+        self.forward: Forward | None = None
+        self._fast = fast
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.capacity = capacity
@@ -212,6 +221,11 @@ class Scheduler:
     # -- the worker thread -------------------------------------------------------
 
     def _run(self) -> None:
+        if self._fast is not None:
+            try:
+                self.forward = self._fast()
+            except Exception:  # the model's own forward serves instead
+                log.exception("The lean decoding path could not be set up")
         while True:
             arrivals: list[Row] = []
             try:
@@ -387,17 +401,10 @@ class Scheduler:
         device = self._pool.keys.device
         keep = torch.tensor([i for _, i in sampling], dtype=torch.long, device=device)
         with torch.inference_mode():
-            out = self.model(
-                input_ids=torch.tensor([ids], device=device),
-                position_ids=step.position_ids,
-                # A 4D mask is taken as given: no mask is built for the flat sequence;
-                # the ragged attention knows each row's extent.
-                attention_mask=torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device),
-                use_cache=False,
-                logits_to_keep=keep,
-                ragged=step,
-            )
-            logits = out.logits[0].float()
+            if self.forward is not None:
+                logits = self.forward(torch.tensor(ids, device=device), step, keep).float()
+            else:
+                logits = self._model_logits(ids, step, keep)
         self.steps += 1
         answering = sum(not row.background for row, _ in plan)
         if answering:
@@ -430,6 +437,22 @@ class Scheduler:
         for row, _ in plan:
             if row.background and row.filled == len(row.tokens):
                 self._end(row, "", None)  # read: its cache is kept for the next turn
+
+    def _model_logits(self, ids: list[int], step: RaggedStep, keep: torch.Tensor) -> torch.Tensor:
+        """The step through the model's own forward."""
+        device = self._pool.keys.device
+        out = self.model(
+            input_ids=torch.tensor([ids], device=device),
+            position_ids=step.position_ids,
+            # A 4D mask is taken as given: no mask is built for the flat sequence;
+            # the ragged attention knows each row's extent.
+            attention_mask=torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device),
+            use_cache=False,
+            logits_to_keep=keep,
+            ragged=step,
+        )
+        logits: torch.Tensor = out.logits[0].float()
+        return logits
 
     def _advance(self, row: Row, token: int) -> None:
         assert row.text is not None
