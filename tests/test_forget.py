@@ -246,3 +246,42 @@ async def test_forget_drops_the_model_cache_even_when_memory_had_nothing_left(
     assert forgotten.turns == 0
     assert dropped == [str(GENERAL)]
     await engine.close()
+
+
+def test_a_prefix_cache_expires_when_idle() -> None:
+    """Unit: an entry unused for idle_seconds goes; a get renews it."""
+    import torch
+
+    from bot.inference.kvcache import Prefix, PrefixStore
+
+    now = [0.0]
+    store = PrefixStore(1 << 20, idle_seconds=10, clock=lambda: now[0])
+    store.put("a", Prefix([1, 2], torch.zeros(2, 1, 1, 2, 4)))
+    store.put("b", Prefix([3], torch.zeros(2, 1, 1, 1, 4)))
+    now[0] = 8
+    assert store.get("a") is not None  # used again: due at 18
+    now[0] = 11
+    assert store.expire() == pytest.approx(7)
+    assert store.peek("b") is None and store.peek("a") is not None
+    now[0] = 18
+    assert store.expire() is None and len(store) == 0 and store.nbytes == 0
+
+
+async def test_an_idle_conversations_model_cache_goes_after_the_memory_ttl(
+    bundled: LoadedModel,
+) -> None:
+    """A cache holds people's words: with nothing else running, the worker drops it once
+    MEMORY_TTL_SECONDS have passed unused, as memory forgets the conversation."""
+    generator = greedy(bundled, max_new_tokens=4, memory_ttl_seconds=1)
+    scheduler = generator.scheduler
+    assert scheduler is not None
+    engine = Engine(LocalBackend(generator), InProcessMemory(20, 1))
+    await engine.reply(said(GENERAL, "1", "my secret is 4417"))
+    assert scheduler.store.peek(str(GENERAL)) is not None
+    for _ in range(400):  # the system prompt's shared cache too (put a moment later)
+        if len(scheduler.store) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert scheduler.store.peek(str(GENERAL)) is None
+    assert len(scheduler.store) == 0 and scheduler.store.nbytes == 0
+    await engine.close()

@@ -127,11 +127,13 @@ class Generator:
         max_rows: int = 16,
         chunk_tokens: int = 64,
         cache_bytes: int = 1 << 30,
+        cache_idle_seconds: float | None = None,
         memory_turns: int = 20,
         fast_decode: bool = True,
     ) -> None:
         self.loaded = loaded
         self.fast_decode = fast_decode
+        self.cache_idle_seconds = cache_idle_seconds
         self.memory_turns = memory_turns
         self.format = PromptFormat(
             loaded.is_encoder_decoder,
@@ -196,6 +198,7 @@ class Generator:
                 max_rows=max_rows,
                 step_tokens=chunk_tokens,
                 cache_bytes=cache_bytes,
+                cache_idle_seconds=self.cache_idle_seconds,
                 seed=options.seed,
                 # The same logits as the model's own forward, in fewer calls.
                 fast=partial(fast_forward, self.loaded.model) if self.fast_decode else None,
@@ -216,6 +219,8 @@ class Generator:
             max_rows=settings.batch_size,
             chunk_tokens=settings.prefill_chunk_tokens,
             cache_bytes=settings.kv_cache_mb << 20,
+            # A model cache holds people's words no longer than memory does.
+            cache_idle_seconds=settings.memory_ttl_seconds,
             memory_turns=settings.memory_max_turns,
             fast_decode=settings.fast_decode,
         )

@@ -20,6 +20,7 @@ SmolLM, …) runs unmodified; without a `ragged` argument it is plain SDPA, so
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -275,12 +276,36 @@ class Prefix:
 
 
 class PrefixStore:
-    """Finished turns' caches by conversation, least recently used first out."""
+    """Finished turns' caches by conversation, least recently used first out, and
+    dropped after `idle_seconds` unused (a cache holds people's words: no longer than
+    memory keeps them)."""
 
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(
+        self,
+        budget_bytes: int,
+        idle_seconds: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.budget = budget_bytes
+        self.idle_seconds = idle_seconds
+        self._clock = clock
         self._entries: OrderedDict[str, Prefix] = OrderedDict()
+        self._used: dict[str, float] = {}  # key -> when last put or got
         self.nbytes = 0
+
+    def expire(self) -> float | None:
+        """Drop the entries idle past `idle_seconds`; seconds until the next one is
+        due (None: nothing will be)."""
+        if self.idle_seconds is None:
+            return None
+        now = self._clock()
+        while self._entries:
+            oldest = next(iter(self._entries))
+            due = self._used.get(oldest, now) + self.idle_seconds
+            if due > now:
+                return due - now
+            self.take(oldest)
+        return None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -288,6 +313,7 @@ class PrefixStore:
     def take(self, key: str) -> Prefix | None:
         """The conversation's cache, removed: a running row owns it until it ends."""
         entry = self._entries.pop(key, None)
+        self._used.pop(key, None)
         if entry is not None:
             self.nbytes -= entry.nbytes
         return entry
@@ -300,6 +326,7 @@ class PrefixStore:
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
+            self._used[key] = self._clock()
         return entry
 
     def put(self, key: str, entry: Prefix) -> None:
@@ -307,10 +334,10 @@ class PrefixStore:
         if entry.nbytes > self.budget:
             return
         self._entries[key] = entry
+        self._used[key] = self._clock()
         self.nbytes += entry.nbytes
         while self.nbytes > self.budget:
-            _, oldest = self._entries.popitem(last=False)
-            self.nbytes -= oldest.nbytes
+            self.take(next(iter(self._entries)))
 
     def forget(self, key: str) -> None:
         self.take(key)

@@ -107,6 +107,7 @@ class Scheduler:
         max_rows: int = 16,
         step_tokens: int = 64,
         cache_bytes: int = 1 << 30,
+        cache_idle_seconds: float | None = None,
         seed: int | None = None,
         fast: Callable[[], Forward | None] | None = None,
     ) -> None:
@@ -123,7 +124,7 @@ class Scheduler:
         self.max_rows = max_rows
         self.step_tokens = max(step_tokens, max_rows)
         self.shape = ModelShape.of(model)
-        self.store = PrefixStore(cache_bytes)
+        self.store = PrefixStore(cache_bytes, cache_idle_seconds)
         # Allocated now, so a pool too big for the device fails at start-up. On a CPU
         # pages are committed as positions are written, not here.
         self._pool = SlotPool(self.shape, max_rows, capacity)
@@ -233,7 +234,10 @@ class Scheduler:
                     while not (
                         self._inbox or self._rows or self._forget or self._closing or self._ahead
                     ):
-                        self._wake.wait()
+                        # Idle: wake when the next cache is due to expire.
+                        due = self.store.expire()
+                        metrics.KV_CACHE_BYTES.set(self.store.nbytes)
+                        self._wake.wait(due)
                     if self._closing and not self._rows and not self._inbox:
                         return
                     wanted = {row.key for row in self._inbox}
@@ -255,6 +259,7 @@ class Scheduler:
                     forgotten = set(self._forget)
                     while self._forget:
                         self.store.forget(self._forget.popleft())
+                    self.store.expire()
                 for row in [r for r in self._rows if r.key in forgotten]:
                     if row.background:
                         self._end(row, None, LookupError("forgotten"))  # its cache goes too
