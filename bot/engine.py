@@ -21,7 +21,8 @@ from datetime import UTC, datetime, timedelta
 
 from bot import metrics
 from bot.attachments import prompt_text
-from bot.inference.backend import Backend, Prompt
+from bot.images import ImageInput
+from bot.inference.backend import Backend, Note, Prompt
 from bot.messages import (
     ConversationKey,
     Message,
@@ -300,6 +301,11 @@ class Engine:
         await self.memory.set_persona(conversation.channel_key(), text or None)
 
     @property
+    def takes_images(self) -> bool:
+        """Whether a message's images reach the model now (else they get a note)."""
+        return self.backend.takes_images
+
+    @property
     def active_conversations(self) -> int:
         return len(self._order)
 
@@ -342,12 +348,15 @@ class Engine:
         # here if that is earlier (a platform's clock, or a fake's, may run ahead).
         sent = min(message.timestamp.timestamp(), time.time())
         text = prompt_text(clean_text(message.text), message.files)
-        if not text.strip():
-            # Nothing to answer (e.g. only an image): the notes say why, else a hint.
+        if not text.strip() and not message.images:
+            # Nothing to answer (e.g. only an image, for a text-only model): the notes
+            # say why, else a hint.
             answer = "\n".join(message.notes) or EMPTY_MESSAGE_REPLY
             out.reply = Reply(answer)
             yield answer
             return
+        # Images leave their names in the text (what memory keeps), never their bytes.
+        text = prompt_text(clean_text(message.text), message.files, message.image_names)
         if self._pending >= self.max_queue:
             # A flood: say so at once rather than queue without bound.
             log.warning("Busy: %d messages queued; turning one away", self._pending)
@@ -419,8 +428,14 @@ class Engine:
             if message.notes:
                 written.parts.append("\n".join(message.notes) + "\n\n")
                 yield written.parts[0]
+            # Only this message's images go with the prompt (a backend that no longer
+            # takes images says so, and answers the text).
             async for chunk in self._write(
-                message, written, out, self.backend.prepare(shown, text, persona, speaker)
+                message,
+                written,
+                out,
+                self.backend.prepare(shown, text, persona, speaker),
+                images=message.images,
             ):
                 yield chunk
             if written.prompt is None or written.failed:
@@ -466,6 +481,7 @@ class Engine:
         out: _Outcome,
         preparing: Awaitable[Prompt],
         temperature: float | None = None,
+        images: tuple[ImageInput, ...] = (),
     ) -> AsyncGenerator[str, None]:
         """Generate a reply: its chunks (a truncation note first), until the end or a
         Stop; `written` and `out.reply` hold the outcome. A failure: the apology."""
@@ -474,7 +490,7 @@ class Engine:
         try:
             prompt = await preparing
             prompt = dataclasses.replace(
-                prompt, conversation=str(conversation), temperature=temperature
+                prompt, conversation=str(conversation), temperature=temperature, images=images
             )
             written.prompt = prompt
             if prompt.truncated:
@@ -483,7 +499,10 @@ class Engine:
                 yield note
             generated: list[str] = []
             async for chunk in _until(self.backend.stream(prompt), out.stop):
-                generated.append(chunk)
+                if isinstance(chunk, Note):  # the backend's note: shown, not stored
+                    parts.append(chunk)
+                else:
+                    generated.append(chunk)
                 yield chunk
             written.answer = "".join(generated).strip()
         except Exception as error:

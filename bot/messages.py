@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Literal
 
+from bot.images import ImageInput
+
 Role = Literal["user", "assistant"]
 
 
@@ -49,7 +51,10 @@ class Message:
     and mentions of other people written as their display names.
 
     `files`: text files attached to it (read by the adapter); `notes`: lines for the
-    person, shown before the answer (files that were not read, and why).
+    person, shown before the answer (files that were not read, and why); `images`:
+    its images, decoded (only for a backend that takes images: they reach the model
+    with this message only, never memory); `image_names`: the names of all the images
+    attached, read or not (their placeholders are what memory keeps).
     """
 
     conversation: ConversationKey
@@ -61,6 +66,8 @@ class Message:
     is_direct: bool = False
     files: tuple[FileText, ...] = ()
     notes: tuple[str, ...] = ()
+    images: tuple[ImageInput, ...] = ()
+    image_names: tuple[str, ...] = ()
 
     @property
     def platform(self) -> str:

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     openai_timeout_seconds: float = Field(default=60.0, gt=0)
     openai_stall_timeout_seconds: float = Field(default=30.0, gt=0)
     openai_max_retries: int = Field(default=2, ge=0, le=10)
+    # The served model takes images (OpenAI `image_url` content parts)
+    openai_vision: bool = False
     model: str = Field(
         default="",
         description="Hugging Face hub id or local directory; empty: the bundled SmolLM2-135M.",
@@ -93,11 +95,11 @@ class Settings(BaseSettings):
     # Regenerate samples (a greedy model would write the same words again).
     regenerate_temperature: float = Field(default=0.8, gt=0, le=2)
     torch_threads: PositiveInt | None = None
-    # Sampling (TEMPERATURE > 0): each reply seeded from SEED and its prompt, so the
-    # same message in the same conversation gets the same reply (unset: at random)
     # The step scheduler's lean forward (bot.inference.fastpath): the model's own logits,
     # bit for bit, in fewer calls; false runs the model's own forward.
     fast_decode: bool = True
+    # Sampling (TEMPERATURE > 0): each reply seeded from SEED and its prompt, so the
+    # same message in the same conversation gets the same reply (unset: at random)
     seed: int | None = None
 
     # Conversation memory
@@ -109,6 +111,12 @@ class Settings(BaseSettings):
     # Text files attached to a message: read up to this many bytes each (0: none read)
     attachment_max_bytes: int = Field(default=100_000, ge=0, le=10_000_000)
     attachment_timeout_seconds: float = Field(default=10.0, gt=0, le=300)  # per download
+    # Images attached to a message (png, jpeg, webp, gif), for a model that takes them:
+    # downloaded up to this many bytes each, at most this many a message, scaled down
+    # to at most this many pixels a side
+    image_max_bytes: int = Field(default=10_000_000, ge=0, le=50_000_000)
+    image_max_count: int = Field(default=4, ge=0, le=16)
+    image_max_side: int = Field(default=1536, ge=64, le=4096)
 
     # Shared by the platforms
     rate_limit_per_minute: int = Field(default=6, ge=0)  # per user; 0: no limit

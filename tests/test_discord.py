@@ -23,6 +23,7 @@ from adapters.discord.connection import DiscordAdapter
 from adapters.discord.translate import HELP_LINE, REFUSAL
 from bot import forgetting
 from bot.engine import APOLOGY, Engine
+from bot.inference.backend import Backend
 from bot.inference.loader import LoadedModel
 from bot.inference.local import LocalBackend, ModelRunner
 from bot.messages import ConversationKey, Turn
@@ -50,6 +51,9 @@ from tests.fake_discord import (
 )
 from tests.scripted import ScriptedModel
 from tests.test_adapters_scripts import CountingMemory, FailsMidway, GatedModel
+from tests.test_attachments_images import SeeingBackend
+from tests.test_images import picture, png_declaring
+from tests.test_server_openai import FakeLLM, backend_for
 
 TOKEN = "MTAwMDAwMDAwMDAwMDAwMDAx.fake.discord-token-never-logged"
 
@@ -146,6 +150,7 @@ async def discord_bot(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Factory]
         typing_interval: float = 5.0,
         daily_tokens: int = 0,
         first_id: int = 6100000000000000001,
+        backend: Backend | None = None,
         **values: Any,
     ) -> Harness:
         """`first_id`: the ids of the messages and interactions the test sends start
@@ -157,7 +162,7 @@ async def discord_bot(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Factory]
         # discord.py waits 2 s for more guilds before READY; the fake has only one.
         adapter.client._connection.guild_ready_timeout = 0.05
         engine = Engine(
-            LocalBackend(runner or ScriptedModel()),
+            backend or LocalBackend(runner or ScriptedModel()),
             memory or InProcessMemory(20, 3600),
             daily_tokens=daily_tokens,
         )
@@ -839,7 +844,8 @@ async def test_an_image_is_answered_with_the_note(discord_bot: Factory) -> None:
     await bot.settle()
     note = "(I read text files only, so I skipped “screenshot.png”.)"
     assert bot.fake.final_contents(GENERAL) == [f"{note}\n\nHere is my answer."]
-    assert model.inputs == ["what went wrong here?"]
+    # Its name stays in the turn (memory keeps that much of it).
+    assert model.inputs == ["[image: screenshot.png]\n\nwhat went wrong here?"]
     # An image alone: the note is the answer.
     await bot.say(f"<@{BOT_ID}>", attachments=[image])
     await bot.replies(2)
@@ -847,6 +853,49 @@ async def test_an_image_is_answered_with_the_note(discord_bot: Factory) -> None:
     assert bot.fake.final_contents(GENERAL)[1] == note
     assert len(model.inputs) == 1
     assert bot.fake.downloads() == []  # never fetched
+
+
+async def test_an_image_reaches_a_model_that_takes_images(discord_bot: Factory) -> None:
+    backend = SeeingBackend()
+    bot = await discord_bot(backend=backend)
+    image = bot.fake.host(_attachment(1), picture("PNG", size=(80, 60)))
+    declared = {
+        key: value.replace("screenshot.png", "bomb.png").replace("6200000000000000002", "62003")
+        if isinstance(value, str)
+        else value
+        for key, value in _attachment(1).items()
+    }
+    bomb = bot.fake.host(declared, png_declaring(50_000, 50_000))
+    await bot.say(f"<@{BOT_ID}> what went wrong here?", attachments=[image, bomb])
+    await bot.replies()
+    await bot.settle()
+    note = "(I skipped “bomb.png”: too many pixels for me to look at.)"
+    assert bot.fake.final_contents(GENERAL) == [f"{note}\n\nI see 1 image(s)."]
+    (prompt,) = backend.prompts
+    assert [(i.name, i.width, i.height) for i in prompt.images] == [("screenshot.png", 80, 60)]
+    assert prompt.user_text == "[image: screenshot.png] [image: bomb.png]\n\nwhat went wrong here?"
+    assert len(bot.fake.downloads()) == 2
+    (asked, _) = await bot.engine.memory.history(ConversationKey("discord", str(GENERAL)))
+    assert asked.content == prompt.user_text  # the names only, never the bytes
+
+
+async def test_an_attached_image_reaches_a_served_vision_model(discord_bot: Factory) -> None:
+    llm = FakeLLM()
+    await llm.start()
+    try:
+        llm.reply = "A stack trace."
+        bot = await discord_bot(backend=backend_for(llm, openai_vision=True))
+        image = bot.fake.host(_attachment(1), picture("JPEG", size=(80, 60)))
+        await bot.say(f"<@{BOT_ID}> what went wrong here?", attachments=[image])
+        await bot.replies()
+        await bot.settle()
+        assert bot.fake.final_contents(GENERAL) == ["A stack trace."]
+        (body,) = llm.requests
+        text, part = body["messages"][-1]["content"]
+        assert text["text"] == "[image: screenshot.png]\n\nwhat went wrong here?"
+        assert part["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    finally:
+        await llm.stop()
 
 
 async def test_a_file_bigger_than_declared_is_cut_off_not_read(discord_bot: Factory) -> None:

@@ -37,7 +37,7 @@ from adapters.slack.translate import (
 )
 from bot.engine import APOLOGY, Engine
 from bot.forgetting import describe
-from bot.inference.backend import Prompt
+from bot.inference.backend import Backend, Prompt
 from bot.inference.loader import LoadedModel
 from bot.inference.local import LocalBackend, ModelRunner
 from bot.messages import ConversationKey, Turn
@@ -61,6 +61,9 @@ from tests.fake_slack import (
 )
 from tests.scripted import ScriptedModel
 from tests.test_adapters_scripts import CountingMemory, FailsMidway, GatedModel
+from tests.test_attachments_images import SeeingBackend
+from tests.test_images import picture
+from tests.test_server_openai import FakeLLM, backend_for
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 BOT_TOKEN = "xoxb-17653672481-19874698323-pdFZKVeTuE8sk7oOcBrzbqgy"
@@ -185,6 +188,7 @@ async def slack_bot() -> AsyncIterator[Factory]:
         runner: ModelRunner | None = None,
         dedupe: Dedupe | None = None,
         memory: Memory | None = None,
+        backend: Backend | None = None,
         **values: Any,
     ) -> SlackBot:
         values.setdefault("slack_signing_secret", SECRET)
@@ -193,7 +197,7 @@ async def slack_bot() -> AsyncIterator[Factory]:
             settings, dedupe=dedupe, base_url=base_url, edit_interval=0.2, host="127.0.0.1"
         )
         engine = Engine(
-            LocalBackend(runner or ScriptedModel()), memory or InProcessMemory(20, 3600)
+            backend or LocalBackend(runner or ScriptedModel()), memory or InProcessMemory(20, 3600)
         )
         stop = asyncio.Event()
         task = asyncio.create_task(adapter.run(engine, stop))
@@ -1000,7 +1004,7 @@ async def test_an_image_is_answered_with_a_note(slack_bot: Factory) -> None:
     await bot.send("app_mention", text=f"<@{BOT_USER}> what is wrong here?", files=[image])
     await bot.posts()
     await bot.settle()
-    assert model.inputs == ["what is wrong here?"]
+    assert model.inputs == ["[image: screenshot.png]\n\nwhat is wrong here?"]
     note = "(I read text files only, so I skipped “screenshot.png”.)"
     assert bot.fake.final_texts(CHANNEL) == [f"{note}\n\nIt is hard to say without seeing it."]
     # An image alone in the DM: the note is the answer; nothing downloaded, no model.
@@ -1010,6 +1014,50 @@ async def test_an_image_is_answered_with_a_note(slack_bot: Factory) -> None:
     assert bot.fake.final_texts(DM) == ["(I read text files only, so I skipped “cat.jpg”.)"]
     assert len(model.inputs) == 1 and bot.fake.matching(lambda c: c.method == "download") == []
     transcript("(c) an image", bot, model)
+
+
+async def test_an_image_reaches_a_model_that_takes_images(slack_bot: Factory) -> None:
+    backend = SeeingBackend()
+    bot = await slack_bot(backend=backend, image_max_count=1)
+    shot = bot.fake.share("screenshot.png", picture("PNG", size=(90, 50)), "image/png")
+    second = bot.fake.share("second.jpg", picture("JPEG"), "image/jpeg")
+    fake = bot.fake.share("fake.png", b"just text", "image/png")
+    await bot.send("app_mention", text=f"<@{BOT_USER}> what is wrong here?", files=[shot, second])
+    await bot.posts()
+    await bot.settle()
+    note = "(I look at up to 1 image a message, so I skipped “second.jpg”.)"
+    assert bot.fake.final_texts(CHANNEL) == [f"{note}\n\nI see 1 image(s)."]
+    (prompt,) = backend.prompts
+    assert [(i.name, i.width, i.height) for i in prompt.images] == [("screenshot.png", 90, 50)]
+    downloads = bot.fake.matching(lambda c: c.method == "download")
+    assert len(downloads) == 1 and downloads[0].args["authorization"] == f"Bearer {BOT_TOKEN}"
+    # A non-image with an image's type and name, alone in the DM: the note is the
+    # answer (no image, no text: nothing for the model).
+    await bot.send("file_share", files=[fake])
+    await bot.posts(channel=DM)
+    await bot.settle()
+    note = "(I couldn't read “fake.png” as an image, so I answered without it.)"
+    assert bot.fake.final_texts(DM) == [note]
+    assert len(backend.prompts) == 1
+
+
+async def test_a_shared_image_reaches_a_served_vision_model(slack_bot: Factory) -> None:
+    llm = FakeLLM()
+    await llm.start()
+    try:
+        llm.reply = "A connection error."
+        bot = await slack_bot(backend=backend_for(llm, openai_vision=True))
+        shot = bot.fake.share("screenshot.png", picture("PNG", size=(90, 50)), "image/png")
+        await bot.send("app_mention", text=f"<@{BOT_USER}> what is wrong here?", files=[shot])
+        await bot.posts()
+        await bot.settle()
+        assert bot.fake.final_texts(CHANNEL) == ["A connection error."]
+        (body,) = llm.requests
+        text, image = body["messages"][-1]["content"]
+        assert text["text"] == "[image: screenshot.png]\n\nwhat is wrong here?"
+        assert image["image_url"]["url"].startswith("data:image/png;base64,")
+    finally:
+        await llm.stop()
 
 
 @pytest.mark.parametrize("failure", ["500", "hangs", "sign-in page"])

@@ -21,6 +21,7 @@ from adapters.bounded import RecentSet
 from adapters.discord.commands import SlashCommands
 from adapters.discord.events import KNOWN_THREADS, NOT_OURS_SECONDS, MessageEvents
 from adapters.discord.translate import NO_MENTIONS, PLATFORM, Rules, invite_url
+from bot.attachments import ImageLimits
 from bot.engine import Engine
 from bot.inflight import InFlight
 from bot.ratelimit import RateLimiter
@@ -47,6 +48,7 @@ class DiscordAdapter(MessageEvents, SlashCommands):
         self.typing_interval = typing_interval  # Discord shows "is typing…" for ~10 s
         self.attachment_max_bytes = settings.attachment_max_bytes
         self.attachment_seconds = settings.attachment_timeout_seconds
+        self.image_limits = ImageLimits.of(settings)
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enable it in the Developer Portal
         if settings.discord_shard_count:

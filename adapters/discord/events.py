@@ -25,7 +25,7 @@ from adapters.discord.translate import (
     trigger,
 )
 from adapters.downloads import download
-from bot.attachments import FileRef, read_files
+from bot.attachments import FileRef, ImageLimits, read_files
 from bot.messages import Message
 from bot.ratelimit import Verdict, rate_limit_note
 from bot.streaming import EditPacer
@@ -46,6 +46,7 @@ class MessageEvents(ReplyControls):
     typing_interval: float
     attachment_max_bytes: int
     attachment_seconds: float
+    image_limits: ImageLimits
     _threads: RecentSet[int]
     _not_ours: RecentSet[int]
 
@@ -99,7 +100,8 @@ class MessageEvents(ReplyControls):
         return False
 
     async def _with_files(self, origin: discord.Message, incoming: Message) -> Message:
-        """`incoming` with `origin`'s text attachments read, and notes for the others.
+        """`incoming` with `origin`'s text attachments read (and its images, for a
+        model that takes them), and notes for the others.
 
         A file declared over the cap is skipped before any download; one that lied
         about its size is read up to the cap and skipped. Downloads follow no redirect
@@ -120,8 +122,15 @@ class MessageEvents(ReplyControls):
                 max_bytes=self.attachment_max_bytes,
                 seconds_each=self.attachment_seconds,
                 where=f"channel {origin.channel.id}",
+                images=self.image_limits if self.engine.takes_images else None,
             )
-        return dataclasses.replace(incoming, files=read.files, notes=read.notes)
+        return dataclasses.replace(
+            incoming,
+            files=read.files,
+            notes=read.notes,
+            images=read.images,
+            image_names=read.image_names,
+        )
 
     async def _answer(self, origin: discord.Message, incoming: Message) -> None:
         """Read the attachments, then stream the reply: the first part replies to

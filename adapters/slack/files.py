@@ -5,6 +5,7 @@ included), and read through `bot.attachments`."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -19,7 +20,7 @@ from adapters.slack.translate import (
     shared_files,
     unavailable_note,
 )
-from bot.attachments import FileRef, ReadFiles, read_files
+from bot.attachments import FileRef, ImageLimits, ReadFiles, read_files
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ class SharedFiles(SlackContext):
     _warned_sign_in: bool
 
     async def _read_files(self, event: Mapping[str, Any], channel: str) -> ReadFiles:
-        """The text files shared with the message, and notes about the others."""
+        """The text files shared with the message (and its images, for a model that
+        takes them), and notes about the others."""
         shared = shared_files(event)
         refs = list(shared.refs)
         unavailable = shared.unavailable
@@ -47,10 +49,11 @@ class SharedFiles(SlackContext):
             max_bytes=self.settings.attachment_max_bytes,
             seconds_each=self.settings.attachment_timeout_seconds,
             where=f"Slack channel {channel}",
+            images=ImageLimits.of(self.settings) if self.engine.takes_images else None,
         )
         if not unavailable:
             return read
-        return ReadFiles(read.files, (*read.notes, unavailable_note(unavailable)))
+        return dataclasses.replace(read, notes=(*read.notes, unavailable_note(unavailable)))
 
     async def _file_info(self, file_id: str) -> FileRef | None:
         """A file's details from files.info (Slack Connect leaves them out of events)."""

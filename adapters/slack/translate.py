@@ -246,6 +246,8 @@ def to_message(
         is_direct=is_direct(event),
         files=attached.files,
         notes=attached.notes,
+        images=attached.images,
+        image_names=attached.image_names,
     )
 
 

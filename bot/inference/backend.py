@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from bot.images import ImageInput
 from bot.messages import Turn
 
 
@@ -31,6 +32,16 @@ class Prompt:
     shared: int = 0
     # Sampling temperature for this reply only (Regenerate); None: the configured one.
     temperature: float | None = None
+    # The new message's images (a backend that `takes_images`): they go with the last
+    # user message only; its text (and memory) carries their placeholders.
+    images: tuple[ImageInput, ...] = ()
+
+
+class Note(str):
+    """A chunk of a reply's stream that is a note for the person (say, that the model
+    refused the message's images), not the model's words: shown, never stored."""
+
+    __slots__ = ()
 
 
 def with_name(name: str, content: str) -> str:
@@ -41,6 +52,12 @@ def with_name(name: str, content: str) -> str:
 
 class Backend(ABC):
     """Where replies are generated: the local model, or an inference server."""
+
+    @property
+    def takes_images(self) -> bool:
+        """Whether the model looks at images now (`Prompt.images`); adapters download
+        and decode a message's images only then."""
+        return False
 
     @abstractmethod
     async def prepare(

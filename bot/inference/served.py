@@ -27,6 +27,13 @@ What each failure means:
   page) and a stream that ends without a finish reason are failures, never replies.
 
 Every failure raises ServerError: the engine then apologises and stores nothing.
+
+Images (OPENAI_VISION=true): the new message's images go with its text as OpenAI content
+parts (`image_url` with a `data:` URL); history carries only their placeholders. A
+server that refuses them (a 4xx naming images, vision or `image_url`; or a 5xx saying
+images are not supported) gets the message again once, as text, and the person a note
+(IMAGES_REFUSED); from then on this process sends it no images (`takes_images` is
+False, so the adapters do not even download them).
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ from typing import Any
 
 import aiohttp
 
-from bot.inference.backend import Backend, Prompt, with_name
+from bot.images import ImageInput
+from bot.inference.backend import Backend, Note, Prompt, with_name
 from bot.logs import redact
 from bot.messages import Turn
 from bot.settings import Settings, mask_url
@@ -69,6 +77,16 @@ _CONTEXT_WORDS = re.compile(
     r"context|length|too long|too large|maximum|exceed|must be <=|must have less than",
     re.IGNORECASE,
 )
+# What a server says when it takes no images (vLLM: "… is not a multimodal model",
+# "image input is not supported", llama.cpp without its projector, OpenAI's
+# "image_url is only supported by certain models").
+_IMAGE_WORDS = re.compile(r"image|vision|multi-?modal", re.IGNORECASE)
+_NOT_SUPPORTED = re.compile(r"not supported|unsupported|does not support|only supported", re.I)
+IMAGES_REFUSED = "(This model doesn't take images, so I answered from your text only.)\n\n"
+# An image's cost in a served model's window, estimated: a token per 28 x 28 pixels
+# (Qwen2-VL's count, the highest of the common ones: LLaVA's 576 a picture and OpenAI's
+# tiles are below it). Older exchanges make room for it.
+IMAGE_PATCH_PIXELS = 28
 # Real tokens per estimated token at most: a server's numbers past it are not believed.
 MAX_SCALE = 8.0
 _WINDOW = re.compile(
@@ -96,6 +114,10 @@ class Unavailable(ServerError):
     """Unreachable, or an error on the server's side (5xx, 429, 408)."""
 
     retriable = True
+
+
+class ImagesRefused(ServerError):
+    """The server refused a request because of its images."""
 
 
 class ContextTooLong(ServerError):
@@ -204,6 +226,12 @@ class OpenAIBackend(Backend):
         }
         self._session: aiohttp.ClientSession | None = None
         self._down = False
+        self.vision = settings.openai_vision
+        self._images_refused = False  # the server said it takes none: for the process
+
+    @property
+    def takes_images(self) -> bool:
+        return self.vision and not self._images_refused
 
     def _budget(self) -> tuple[int, int]:
         """Tokens for the prompt, and for the reply (never more than half the window)."""
@@ -243,16 +271,28 @@ class OpenAIBackend(Backend):
 
     async def stream(self, prompt: Prompt) -> AsyncIterator[str]:
         messages = list(prompt.messages)
+        images = prompt.images if self.takes_images else ()
+        if prompt.images and not images:  # refused meanwhile: say so, answer the text
+            yield Note(IMAGES_REFUSED)
+        if images:
+            messages = self._room_for(messages, images)
         attempt = 0
         trimmed = False
         while True:
             sent_any = False
             try:
-                async for text in self._request(messages, prompt.temperature):
+                async for text in self._request(messages, prompt.temperature, images):
                     sent_any = True
                     yield text
                 self._up()
                 return
+            except ImagesRefused as exc:
+                if sent_any or not images:
+                    self._refused(exc)
+                    raise
+                self._no_images(exc)
+                images = ()  # once: the same message again, as text
+                yield Note(IMAGES_REFUSED)
             except ContextTooLong as exc:
                 shorter = None if trimmed or sent_any else self._shorter(messages, exc.body)
                 if shorter is None:
@@ -275,6 +315,23 @@ class OpenAIBackend(Backend):
                     raise
                 attempt += 1
                 await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+
+    def _room_for(
+        self, messages: list[dict[str, str]], images: Sequence[ImageInput]
+    ) -> list[dict[str, str]]:
+        """`messages` with the oldest exchanges left out until `images` fit in the
+        prompt's budget too; the new message itself stays whole."""
+        budget = self._budget()[0] - image_tokens(images)
+        if estimate_tokens(messages, self.scale) <= budget:
+            return messages
+        system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+        turns = [
+            Turn("user" if m["role"] == "user" else "assistant", m["content"])
+            for m in messages
+            if m["role"] != "system"
+        ]
+        fitted = fit(system, turns[:-1], turns[-1].content, budget, self.scale)
+        return [*fitted.messages[:-1], messages[-1]]
 
     def _shorter(self, messages: list[dict[str, str]], body: str) -> list[dict[str, str]] | None:
         """A shorter prompt after the server refused `messages` as too long, fitted to what
@@ -304,12 +361,28 @@ class OpenAIBackend(Backend):
         if counted and estimated:
             self.scale = min(max(self.scale, counted / estimated), MAX_SCALE)
 
+    def _no_images(self, exc: ServerError) -> None:
+        self._images_refused = True
+        log.warning(
+            "Inference server at %s refuses images (%s); answering from the text, and "
+            "sending it no more images until a restart (is OPENAI_VISION right?)",
+            self.masked_url,
+            exc,
+        )
+
     async def _request(
-        self, messages: list[dict[str, str]], temperature: float | None = None
+        self,
+        messages: list[dict[str, str]],
+        temperature: float | None = None,
+        images: Sequence[ImageInput] = (),
     ) -> AsyncIterator[str]:
         """One request, streamed; raises ServerError for each way it can fail."""
         _, reply_tokens = self._budget()
-        body = {**self.body, "max_tokens": reply_tokens, "messages": messages}
+        body = {
+            **self.body,
+            "max_tokens": reply_tokens,
+            "messages": with_images(messages, images),
+        }
         if temperature is not None:
             body["temperature"] = temperature
         loop = asyncio.get_running_loop()
@@ -327,7 +400,7 @@ class OpenAIBackend(Backend):
         except aiohttp.ClientError as exc:
             raise Unavailable(self._scrub(repr(exc))) from exc
         try:
-            await self._check_status(response)
+            await self._check_status(response, bool(images))
             async for text in self._events(response, first_token_by):
                 yield text
         finally:
@@ -335,7 +408,7 @@ class OpenAIBackend(Backend):
             # connection, which tells the server to stop generating.
             response.release()
 
-    async def _check_status(self, response: aiohttp.ClientResponse) -> None:
+    async def _check_status(self, response: aiohttp.ClientResponse, images: bool = False) -> None:
         status = response.status
         if status < 300:
             kind = response.headers.get("Content-Type", "")
@@ -345,6 +418,8 @@ class OpenAIBackend(Backend):
             return
         detail = self._scrub(await _read_some(response))
         message = f"HTTP {status}: {_server_message(detail)}"
+        if images and _refuses_images(status, detail):
+            raise ImagesRefused(message)
         if status in (400, 413, 422) and _CONTEXT_WORDS.search(detail):
             raise ContextTooLong(message, detail)
         if status >= 500 or status in (408, 429):
@@ -468,6 +543,38 @@ def _server_message(body: str, limit: int = 300) -> str:
             break
         data = inner
     return " ".join(text.split())[:limit]
+
+
+def image_tokens(images: Sequence[ImageInput]) -> int:
+    """About how many tokens `images` take in a served model's window."""
+    patch = IMAGE_PATCH_PIXELS
+    return sum(math.ceil(i.width / patch) * math.ceil(i.height / patch) for i in images)
+
+
+def with_images(
+    messages: Sequence[dict[str, str]], images: Sequence[ImageInput]
+) -> list[dict[str, Any]]:
+    """The chat messages with `images` as OpenAI content parts of the last one (the new
+    message): its text first, then an `image_url` part per image, as a `data:` URL."""
+    sent: list[dict[str, Any]] = list(messages)
+    if not images or not sent:
+        return sent
+    last = sent[-1]
+    parts: list[dict[str, Any]] = [{"type": "text", "text": last["content"]}]
+    parts += [{"type": "image_url", "image_url": {"url": i.data_url()}} for i in images]
+    sent[-1] = {**last, "content": parts}
+    return sent
+
+
+def _refuses_images(status: int, body: str) -> bool:
+    """Whether an error answer to a request with images says the images are the
+    trouble: a 4xx naming them (not a context-length error), or a 5xx saying that
+    images are not supported."""
+    if not _IMAGE_WORDS.search(body) or _WINDOW.search(body) or _PROMPT_TOKENS.search(body):
+        return False
+    if 400 <= status < 500 and status not in (408, 429):
+        return True
+    return status >= 500 and bool(_NOT_SUPPORTED.search(body))
 
 
 def _first_number(pattern: re.Pattern[str], text: str) -> int | None:
