@@ -160,22 +160,17 @@ class ConsoleAdapter:
             self._terminal.end_line()  # after Ctrl-D at the prompt: the shell's on its own line
 
     async def _show(self, stream: ReplyStream) -> None:
-        """A reply as it is written (interactive) or whole, on its own line; nothing
-        for a silent one (past the daily limit), a refusal as a plain line."""
+        """A reply as it is written (interactive) or whole, on its own line; a
+        refusal (/retry) as its text; a silent one (past the daily limit) as nothing."""
         if self._interactive:
-            started = False
+            self._write("bot> ")  # at once: a log record meanwhile goes below it
             async for chunk in stream:
-                if not started:
-                    self._write("bot> ")
-                    started = True
                 self._write(chunk)
-            if started:
-                self._terminal.end_line()
         else:
             async for _ in stream:
                 pass
         reply = stream.reply
-        if reply is None or reply.silent:
-            return
-        if reply.refused or not self._interactive:
-            self._write(reply.text + "\n")
+        if reply is not None and not reply.silent and (reply.refused or not self._interactive):
+            self._write(reply.text + ("" if self._interactive else "\n"))
+        if self._interactive:
+            self._terminal.end_line()

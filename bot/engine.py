@@ -17,7 +17,6 @@ import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
 
 from bot import metrics
 from bot.attachments import prompt_text
@@ -53,6 +52,7 @@ STOPPED_MARK = "\n\n(stopped)"
 # A Regenerate refused (said to the presser only).
 TOO_LATE = "That reply can't be written again: the conversation has moved on since."
 NOT_YOURS = "Only the person who asked can have this reply written again."
+SPENT = "You've used today's allowance: I can write replies again after midnight UTC."
 
 
 def truncation_note(prompt: Prompt) -> str:
@@ -136,15 +136,13 @@ async def _until(chunks: AsyncIterator[str], stop: asyncio.Event) -> AsyncIterat
     """`chunks` until `stop` is set, then at once: the pending read is cancelled (the
     backend's stream is closed: its row leaves the scheduler at the next step)."""
     stopped = asyncio.ensure_future(stop.wait())
+    step: asyncio.Future[str] | None = None
     try:
         while True:
             step = asyncio.ensure_future(anext(chunks))
             await asyncio.wait((step, stopped), return_when=asyncio.FIRST_COMPLETED)
             if not step.done():
-                step.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await step
-                return
+                return  # stopped: the read is cancelled below
             try:
                 yield step.result()
             except StopAsyncIteration:
@@ -152,7 +150,13 @@ async def _until(chunks: AsyncIterator[str], stop: asyncio.Event) -> AsyncIterat
             if stop.is_set():
                 return
     finally:
+        # Also when this reader is cancelled or closed: the read in flight ends first
+        # (a generator cannot be closed while it runs), then the stream.
         stopped.cancel()
+        if step is not None and not step.done():
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await step
         closing = getattr(chunks, "aclose", None)
         if closing is not None:
             await closing()
@@ -280,9 +284,8 @@ class Engine:
             hold=self._order.turn,
             drop_cache=self.backend.forget,
         )
-        # Their counters too (today's and yesterday's: no older ones are kept).
-        days = [today()[0], today(datetime.now(UTC) - timedelta(days=1))[0]]
-        await self.memory.forget_usage(platform, user_id, days)
+        # Not their token counters: numbers, no text, gone in two days; deleting them
+        # would hand anyone a fresh allowance for the asking (/forget is open to all).
         return forgotten
 
     async def persona(self, conversation: ConversationKey) -> str | None:
@@ -363,23 +366,12 @@ class Engine:
             out.reply = Reply(BUSY, ok=False)
             yield BUSY
             return
-        if self.daily_tokens:
-            try:
-                usage = await self.usage(message.platform, message.author_id)
-                told = usage.exhausted and not await self.memory.claim_usage_note(
-                    message.platform, message.author_id, today()[0]
-                )
-            except REDIS_ERRORS:  # the store away: answer (no count to go by)
-                usage, told = Usage(0, self.daily_tokens, today()[1]), False
-            if usage.exhausted:
-                metrics.LIMITED.labels(message.platform).inc()
-                if told:
-                    out.reply = Reply("", silent=True)  # told once today: silence
-                    return
-                note = limit_note(usage)
-                out.reply = Reply(note)
-                yield note
-                return
+        limited = await self._limited(message.platform, message.author_id)
+        if limited is not None:
+            out.reply = limited
+            if limited.text:
+                yield limited.text
+            return
         self._pending += 1
         metrics.QUEUE.set(self._pending)
         author = (message.platform, message.author_id)
@@ -394,6 +386,22 @@ class Engine:
             places.remove(message.conversation)
             if not places:
                 del self._answering[author]
+
+    async def _limited(self, platform: str, user_id: str) -> Reply | None:
+        """The reply to a person past their daily allowance: the note once a day,
+        silence after it; None while they have some left (or the store is away: no
+        count to go by, so answer)."""
+        if not self.daily_tokens:
+            return None
+        try:
+            usage = await self.usage(platform, user_id)
+            if not usage.exhausted:
+                return None
+            told = not await self.memory.claim_usage_note(platform, user_id, today()[0])
+        except REDIS_ERRORS:
+            return None
+        metrics.LIMITED.labels(platform).inc()
+        return Reply("", silent=True) if told else Reply(limit_note(usage))
 
     def _several_people(self, message: Message, history: list[Turn]) -> bool:
         """Whether the model should see who said each turn: in a shared place (not a DM)
@@ -420,6 +428,14 @@ class Engine:
     ) -> AsyncGenerator[str, None]:
         conversation = message.conversation
         async with self._order.turn(conversation), self.memory.turn(conversation):
+            # Again, now that the messages before it are answered: those may have
+            # spent what was left when it arrived.
+            limited = await self._limited(message.platform, message.author_id)
+            if limited is not None:
+                out.reply = limited
+                if limited.text:
+                    yield limited.text
+                return
             started = time.perf_counter()
             history, persona = await self.memory.load(conversation)
             name = clean_name(message.author_name)
@@ -428,16 +444,23 @@ class Engine:
             if message.notes:
                 written.parts.append("\n".join(message.notes) + "\n\n")
                 yield written.parts[0]
-            # Only this message's images go with the prompt (a backend that no longer
-            # takes images says so, and answers the text).
-            async for chunk in self._write(
-                message,
-                written,
-                out,
-                self.backend.prepare(shown, text, persona, speaker),
-                images=message.images,
-            ):
-                yield chunk
+            try:
+                # Only this message's images go with the prompt (a backend that no
+                # longer takes images says so, and answers the text).
+                async for chunk in self._write(
+                    message,
+                    written,
+                    out,
+                    self.backend.prepare(shown, text, persona, speaker),
+                    images=message.images,
+                ):
+                    yield chunk
+            finally:
+                # Whatever came of it (the reader gone at the last word included):
+                # what was generated was spent.
+                if written.prompt is not None:
+                    spent = "".join(written.generated)
+                    await self._count(message.platform, message.author_id, written.prompt, spent)
             if written.prompt is None or written.failed:
                 return
             prompt, answer = written.prompt, written.answer
@@ -463,7 +486,6 @@ class Engine:
                     self.backend.forget(str(conversation))
             if written.kept and out.reply is not None:
                 out.reply = dataclasses.replace(out.reply, kept=True)
-            await self._count(message.platform, message.author_id, prompt, answer)
             latency = time.perf_counter() - started
             log.info(
                 "Replied in %s to message %s in %.2f s%s",
@@ -497,7 +519,7 @@ class Engine:
                 note = truncation_note(prompt)
                 parts.append(note)
                 yield note
-            generated: list[str] = []
+            generated = written.generated
             async for chunk in _until(self.backend.stream(prompt), out.stop):
                 if isinstance(chunk, Note):  # the backend's note: shown, not stored
                     parts.append(chunk)
@@ -559,9 +581,10 @@ class Engine:
             if asked.author_id != asker_id:
                 out.reply = Reply(NOT_YOURS, ok=False, refused=True)
                 return
-            if self.daily_tokens and (await self.usage(conversation.platform, asker_id)).exhausted:
-                out.reply = Reply(limit_note(await self.usage(conversation.platform, asker_id)),
-                                  ok=False, refused=True)  # fmt: skip
+            limited = await self._limited(conversation.platform, asker_id)
+            if limited is not None:
+                note = limited.text or SPENT
+                out.reply = Reply(note, ok=False, refused=True)
                 return
             message = dataclasses.replace(
                 placeholder, author_name=asked.author_name, text=asked.content
@@ -570,10 +593,15 @@ class Engine:
             shown, speaker = self._labelled(message, earlier, asked.author_name)
             written = _Written()
             preparing = self.backend.prepare(shown, asked.content, persona, speaker)
-            async for chunk in self._write(
-                message, written, out, preparing, self.regenerate_temperature
-            ):
-                yield chunk
+            try:
+                async for chunk in self._write(
+                    message, written, out, preparing, self.regenerate_temperature
+                ):
+                    yield chunk
+            finally:
+                if written.prompt is not None:
+                    spent = "".join(written.generated)
+                    await self._count(conversation.platform, asker_id, written.prompt, spent)
             if written.prompt is None or written.failed:
                 return
             metrics.REGENERATED.labels(conversation.platform).inc()
@@ -591,7 +619,6 @@ class Engine:
                     self.backend.warm(str(conversation), kept_shown, persona, following)
                 else:
                     log.warning("The regenerated reply in %s was not stored", conversation)
-            await self._count(conversation.platform, asker_id, written.prompt, written.answer)
 
 
 @dataclasses.dataclass
@@ -600,6 +627,7 @@ class _Written:
 
     parts: list[str] = dataclasses.field(default_factory=list)  # notes before the reply
     prompt: Prompt | None = None
+    generated: list[str] = dataclasses.field(default_factory=list)  # the model's chunks
     answer: str = ""
     stopped: bool = False
     failed: bool = False

@@ -25,7 +25,9 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # short password in a URL is still masked by the URL pass.
 MIN_SECRET_CHARS = 4
 # Up to a space, a quote or a backslash (in JSON text, the start of an escape).
-_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>\\]+")
+# The scheme bounded (RFC 3986 schemes are short): unbounded, a long run of word
+# characters without "://" is rescanned from every boundary (quadratic; seconds a line).
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{0,31}://[^\s'\"<>\\]+")
 
 
 class RedactingFormatter(logging.Formatter):

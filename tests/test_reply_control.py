@@ -211,10 +211,10 @@ async def test_the_daily_limit_holds_across_two_engines_on_one_redis(
         quiet = await engine.reply(said("and another"))
         assert quiet.silent and quiet.text == ""
     assert (await a.reply(said("not me", who="2"))).text == "x" * 40  # others go on
-    # /forget takes the counters too.
+    # /forget keeps the counters (no text in them): no fresh allowance for the asking.
     await a.forget_user("discord", "1")
-    assert (await b.usage("discord", "1")).used == 0
-    assert (await b.reply(said("back"))).text == "x" * 40
+    assert (await b.usage("discord", "1")).exhausted
+    assert (await b.reply(said("back"))).silent
     for engine in (a, b):
         await engine.close()
 
@@ -320,4 +320,35 @@ async def test_regenerate_samples_on_the_real_model_and_greedy_rows_stay_greedy(
     assert text.strip() != first.text.strip(), "sampled, not the greedy reply again"
     assert (await beside).text == alone.text, "the greedy row beside it is unchanged"
     assert (await memory.history(KEY))[1].content == text.strip()
+    await engine.close()
+
+
+async def test_messages_queued_in_one_conversation_cannot_overspend() -> None:
+    """Ten messages sent together in one conversation all pass the check on arrival;
+    each is checked again when its turn comes, after the ones before it are counted."""
+    engine = Engine(LocalBackend(ScriptedModel("x" * 200)), InProcessMemory(20, 600),
+                    daily_tokens=100)  # fmt: skip
+    replies = await asyncio.gather(*(engine.reply(said(f"m{i}")) for i in range(10)))
+    answered = [r for r in replies if r.text == "x" * 200]
+    assert len(answered) == 2  # 50+ tokens each: the second spends the rest
+    assert sum("allowance" in r.text for r in replies) == 1
+    assert sum(r.silent for r in replies) == 7
+    await engine.close()
+
+
+async def test_a_reply_whose_reader_leaves_at_the_end_is_still_counted() -> None:
+    engine = Engine(LocalBackend(ScriptedModel("y" * 400, chunk=50)), InProcessMemory(20, 600),
+                    daily_tokens=10_000)  # fmt: skip
+    stream = engine.stream(said("long"))
+    seen = ""
+    async for chunk in stream:
+        seen += chunk
+        if len(seen) >= 400:
+            break
+    await stream.aclose()
+    for _ in range(100):  # the inner generators are closed by the loop's finalizer
+        if (await engine.usage("discord", "1")).used:
+            break
+        await asyncio.sleep(0.01)
+    assert (await engine.usage("discord", "1")).used >= 100
     await engine.close()

@@ -52,7 +52,9 @@ THREAD = "1732900000.000100"
 def test_blocks_carry_the_text_and_the_buttons() -> None:
     ref = ReplyRef(CHANNEL, THREAD, THREAD)
     blocks = message_blocks("*Paris*", stop_actions(ref))
-    assert blocks[0] == {"type": "section", "text": {"type": "mrkdwn", "text": "*Paris*"}}
+    # verbatim: Slack links and pings nothing in the text by itself (@here, #channel)
+    section = {"type": "mrkdwn", "text": "*Paris*", "verbatim": True}
+    assert blocks[0] == {"type": "section", "text": section}
     (stop,) = blocks[1]["elements"]
     assert (blocks[1]["type"], stop["type"], stop["action_id"]) == ("actions", "button", STOP)
     assert json.loads(stop["value"]) == {"c": CHANNEL, "t": THREAD, "m": THREAD}
@@ -61,7 +63,10 @@ def test_blocks_carry_the_text_and_the_buttons() -> None:
     assert json.loads(ended["elements"][0]["value"]) == {
         "c": DM, "t": None, "m": "1.2", "d": 1, "r": ["3.4"], "g": 2,
     }  # fmt: skip
-    section = {"type": "section", "text": {"type": "mrkdwn", "text": "no buttons"}}
+    section = {
+        "type": "section",
+        "text": {"type": "mrkdwn", "text": "no buttons", "verbatim": True},
+    }
     assert message_blocks("no buttons") == [section]
 
 

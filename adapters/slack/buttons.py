@@ -105,7 +105,9 @@ def message_blocks(part: str, actions: Mapping[str, Any] | None = None) -> list[
     """One reply message: its mrkdwn `part` (at most SECTION_TEXT_LIMIT characters,
     as `reply_parts` cuts them) in a section, then the buttons, if any. The message's
     `text` stays the same part: Slack shows it in notifications."""
-    blocks: list[dict[str, Any]] = [{"type": "section", "text": {"type": "mrkdwn", "text": part}}]
+    blocks: list[dict[str, Any]] = [
+        {"type": "section", "text": {"type": "mrkdwn", "text": part, "verbatim": True}}
+    ]
     if actions is not None:
         blocks.append(dict(actions))
     return blocks
@@ -140,7 +142,7 @@ def _text(data: Mapping[str, Any], key: str) -> str:
 def _ref(value: str) -> ReplyRef | None:
     try:
         data = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # a value nested past the parser's depth
         return None
     if not isinstance(data, dict):
         return None

@@ -50,7 +50,9 @@ async def forget_person(
     turns = touched = 0
     for conversation in sorted({*listed, *also}, key=str):
         async with (hold or _no_hold)(conversation), memory.turn(conversation):
-            removed = await memory.forget(conversation, user_id, at)
+            # Everything of theirs stored: not only what was sent before the mark by
+            # this clock (another replica's, or the CLI's, may run behind).
+            removed = await memory.forget(conversation, user_id)
         if removed:
             turns += removed
             touched += 1

@@ -9,7 +9,7 @@ keys share a slot, so that read needs one node, and no command ever spans two sl
 
 Forgetting a person (/forget) first marks the time in their slot, then reads their set
 and, for each listed conversation under its lock, takes it off the set and removes
-their turns sent before the mark and the replies to them. An append lists the
+their stored turns and the replies to them. An append lists the
 conversation in its authors' sets, writes the turns, and only then reads their marks
 (one round trip on one server; under the conversation's lock on a cluster, which a
 forget takes too): so either the forget finds the new turns or the append sees the
@@ -160,6 +160,13 @@ return 1
 """
 )
 
+# KEYS: a person's /forget mark. ARGV: the time, TTL. Keeps the later of the two.
+MARK = """
+local now = tonumber(redis.call('GET', KEYS[1]))
+if now == nil or now < tonumber(ARGV[1]) then now = ARGV[1] end
+redis.call('SET', KEYS[1], now, 'EX', ARGV[2])
+"""
+
 # KEYS: the votes on a reply. ARGV: voter, verdict, TTL. The voter's previous verdict.
 VOTE = """
 local before = redis.call('HGET', KEYS[1], ARGV[1])
@@ -278,10 +285,6 @@ class Memory(Protocol):
 
     async def claim_usage_note(self, platform: str, user_id: str, day: str) -> bool:
         """True once per person and day: whoever gets it sends the limit's note."""
-        ...
-
-    async def forget_usage(self, platform: str, user_id: str, days: Sequence[str]) -> None:
-        """Delete the person's counters for those days (/forget)."""
         ...
 
     async def vote(
@@ -428,10 +431,6 @@ class InProcessMemory:
         counter = self._usage.setdefault((platform, user_id, day), [0, 0])
         first, counter[1] = not counter[1], 1
         return first
-
-    async def forget_usage(self, platform: str, user_id: str, days: Sequence[str]) -> None:
-        for day in days:
-            self._usage.pop((platform, user_id, day), None)
 
     async def vote(
         self, conversation: ConversationKey, reply_id: str, voter_id: str, verdict: str
@@ -623,11 +622,6 @@ class RedisMemory:
         key = f"{usage_key(platform, user_id, day)}:told"
         return bool(await self._redis.set(key, 1, nx=True, ex=USAGE_SECONDS))
 
-    async def forget_usage(self, platform: str, user_id: str, days: Sequence[str]) -> None:
-        keys = [usage_key(platform, user_id, day) for day in days]
-        if keys:  # one slot (the person's): one command
-            await self._redis.delete(*keys, *(f"{key}:told" for key in keys))
-
     async def vote(
         self, conversation: ConversationKey, reply_id: str, voter_id: str, verdict: str
     ) -> str | None:
@@ -636,8 +630,9 @@ class RedisMemory:
         return before if isinstance(before, str) else None
 
     async def mark_forgotten(self, platform: str, user_id: str, at: float) -> None:
-        # Kept as long as memory keeps anything: far past any message still in flight.
-        await self._redis.set(forgotten_key(platform, user_id), repr(at), ex=self._ttl)
+        # Kept as long as memory keeps anything: far past any message still in flight;
+        # never moved back (a later forget from a clock behind).
+        await self._redis.eval(MARK, 1, forgotten_key(platform, user_id), repr(at), self._ttl)
 
     async def conversations_of(self, platform: str, user_id: str) -> list[ConversationKey]:
         raw = await self._redis.smembers(user_key(platform, user_id))
