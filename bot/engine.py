@@ -570,7 +570,8 @@ class Engine:
             history, persona = await self.memory.load(conversation)
             last = history[-2:]
             if (
-                len(last) < 2
+                not message_id  # turns stored by older versions carry no id
+                or len(last) < 2
                 or last[0].role != "user"
                 or last[1].role != "assistant"
                 or last[0].message_id != message_id

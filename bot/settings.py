@@ -104,6 +104,8 @@ class Settings(BaseSettings):
 
     # Conversation memory
     redis_url: SecretStr | None = None
+    # REDIS_URL names a node of a Redis Cluster; unset: asked at start-up (INFO cluster)
+    redis_cluster: bool | None = None
     memory_max_turns: PositiveInt = 20
     memory_ttl_seconds: PositiveInt = 7 * 24 * 3600
     # In shared conversations (channels, threads), show the model who said each turn

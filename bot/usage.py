@@ -50,7 +50,7 @@ def limit_note(usage: Usage, now: datetime | None = None) -> str:
 def describe_usage(usage: Usage, now: datetime | None = None) -> str:
     """The private answer to /usage."""
     if usage.limit == 0:
-        return f"Today you've used {usage.used:,} tokens. There is no daily limit."
+        return "There is no daily limit here, so nothing is counted."
     left = max(0, usage.limit - usage.used)
     return (
         f"Today you've used {usage.used:,} of your {usage.limit:,} tokens "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
@@ -13,11 +14,12 @@ from redis.asyncio.cluster import RedisCluster
 from bot.engine import Engine
 from bot.inference.local import LocalBackend
 from bot.messages import ConversationKey, Message
+from bot.settings import ConfigError
 from bot.store.connection import connect
 from bot.store.dedupe import RedisDedupe
 from bot.store.memory import RedisMemory, open_memory
 from bot.store.schema import redis_key
-from tests.conftest import RedisClusterNodes, bot_env, make_settings, run_bot
+from tests.conftest import RedisClusterNodes, RedisServer, bot_env, make_settings, run_bot
 from tests.scripted import ScriptedModel
 
 
@@ -92,3 +94,41 @@ async def test_the_forget_cli_on_a_cluster(redis_cluster: RedisClusterNodes) -> 
     assert "Deleted 5 turn(s) by slack user 7" in done.stdout
     assert all([await memory.history(key) for key in conversations(10)[:5]])
     await engine.close()
+
+
+async def test_a_redis_user_without_info_starts_as_one_server(
+    redis_server: RedisServer,
+) -> None:
+    """A least-privilege ACL (no @dangerous, so no INFO): start-up takes the server as
+    one server and memory works, as before the cluster probe."""
+    admin = connect(redis_server.url)
+    await admin.execute_command(
+        "ACL", "SETUSER", "bot", "on", ">s3cret-pass", "~chatbot:*", "+@all", "-@dangerous"
+    )
+    await admin.aclose()
+    url = f"redis://bot:s3cret-pass@127.0.0.1:{redis_server.port}/0"
+    memory = await open_memory(make_settings(redis_url=url))
+    key = ConversationKey("discord", "1")
+    engine = Engine(LocalBackend(ScriptedModel("ok")), memory)
+    assert (await engine.reply(Message(key, "7", "Ann", "hi"))).ok
+    assert [t.content for t in await memory.history(key)] == ["hi", "ok"]
+    await engine.close()
+
+
+async def test_a_read_only_replica_as_redis_url_is_refused_at_start(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    replica = RedisServer(tmp_path)
+    replica.start()
+    probe = connect(replica.url)
+    await probe.execute_command("REPLICAOF", "127.0.0.1", str(redis_server.port))
+    await probe.aclose()
+    with pytest.raises(ConfigError, match="read-only replica"):
+        await open_memory(make_settings(redis_url=replica.url))
+    replica.stop()
+
+
+async def test_readiness_on_a_cluster_asks_for_every_slot(redis_cluster: RedisClusterNodes) -> None:
+    memory = RedisMemory(redis_cluster.url, 20, 600, cluster=True)
+    assert await memory.ready()
+    await memory.close()

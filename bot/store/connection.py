@@ -8,8 +8,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bot import metrics
@@ -18,7 +24,15 @@ from bot.settings import mask_url
 log = logging.getLogger(__name__)
 
 # What an unreachable server raises; anything else is a bug or bad data.
-OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+OUTAGE_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    # A cluster with a node down or failing over.
+    ClusterDownError,
+    TryAgainError,
+    MasterDownError,
+)
 # What a Redis call may raise at all.
 REDIS_ERRORS = (RedisError, OSError)
 
@@ -46,11 +60,13 @@ def connect(
     writes that are not idempotent by nature carry a token (bot.store.dedupe, bot.store.memory)."""
     retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
     if cluster:
+        # No retry at all: RedisCluster retries timeouts whatever its Retry's errors
+        # say (redirects are followed apart from it).
         return RedisCluster.from_url(
             url,
             socket_connect_timeout=timeout,
             socket_timeout=timeout,
-            retry=retry,
+            retry=Retry(NoBackoff(), 0),
             decode_responses=True,
         )
     extra = {"connection_class": connection_class} if connection_class else {}
@@ -72,9 +88,24 @@ async def is_cluster(url: str, timeout: float = 2.0) -> bool:  # noqa: ASYNC109 
     )
     try:
         info = await probe.info("cluster")
+    except ResponseError:  # INFO refused (an ACL without @dangerous, a proxy): one server
+        log.info("Redis refused INFO: taken as one server (REDIS_CLUSTER=true if not)")
+        return False
     finally:
         await probe.aclose()
     return bool(info.get("cluster_enabled"))
+
+
+async def is_replica(client: Client) -> bool:
+    """Whether the server is a read-only replica (nothing could be stored there);
+    False when INFO is refused."""
+    try:
+        info = await client.info("replication")
+    except ResponseError:
+        return False
+    if isinstance(client, RedisCluster):
+        return False  # a cluster client writes to each slot's primary
+    return info.get("role") == "slave"
 
 
 class Outages:

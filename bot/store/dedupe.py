@@ -85,8 +85,11 @@ class RedisDedupe:
         ttl_seconds: int = 600,
         timeout: float = 2.0,
         connection_class: type[aioredis.Connection] | None = None,
+        cluster: bool | None = None,
     ) -> None:
+        """`cluster`: None asks the server at the first claim."""
         self._url = url
+        self._cluster = cluster
         self._ttl = ttl_seconds
         self._timeout = timeout
         self._connection_class = connection_class
@@ -96,7 +99,9 @@ class RedisDedupe:
 
     async def _client(self) -> Client:
         if self._redis is None:
-            cluster = await is_cluster(self._url, self._timeout)
+            cluster = self._cluster
+            if cluster is None:
+                cluster = await is_cluster(self._url, self._timeout)
             self._redis = connect(self._url, self._timeout, self._connection_class, cluster=cluster)
         return self._redis
 
@@ -119,4 +124,4 @@ class RedisDedupe:
 def open_dedupe(settings: Settings) -> Dedupe:
     if settings.redis_url is None:
         return InProcessDedupe()
-    return RedisDedupe(settings.redis_url.get_secret_value())
+    return RedisDedupe(settings.redis_url.get_secret_value(), cluster=settings.redis_cluster)

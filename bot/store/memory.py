@@ -47,12 +47,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
 from bot.messages import ConversationKey, Turn
 from bot.settings import ConfigError, Settings
-from bot.store.connection import REDIS_ERRORS, Outages, connect, is_cluster
+from bot.store.connection import REDIS_ERRORS, Outages, connect, is_cluster, is_replica
 from bot.store.schema import (
     append_key,
     authors,
@@ -209,7 +210,7 @@ async def _renew(lock: Lock, conversation: ConversationKey) -> None:
                         type(exc).__name__,
                     )
                     return
-                log.info("Renewing the lock of %s failed (%s); retrying", conversation, exc)
+                log.debug("Renewing the lock of %s failed (%s); retrying", conversation, exc)
                 await asyncio.sleep(RENEW_RETRY_SECONDS)
                 continue
             expires = sent + LOCK_SECONDS
@@ -487,11 +488,17 @@ class RedisMemory:
         """Ping Redis once; raise ConfigError (exit code 2) naming the masked URL if not."""
         try:
             await self._redis.ping()
+            replica = await is_replica(self._redis)
         except REDIS_ERRORS as exc:
             raise ConfigError(
                 f"Cannot reach Redis at {self._outages.masked_url} (REDIS_URL): "
                 f"{type(exc).__name__}"
             ) from None
+        if replica:
+            raise ConfigError(
+                f"Redis at {self._outages.masked_url} (REDIS_URL) is a read-only replica: "
+                "give the primary's address"
+            )
 
     async def history(self, conversation: ConversationKey) -> list[Turn]:
         try:
@@ -697,6 +704,9 @@ class RedisMemory:
 
     async def ready(self) -> bool:
         try:
+            if isinstance(self._redis, RedisCluster):  # every slot served, not one node
+                info = await self._redis.cluster_info()
+                return bool(info.get("cluster_state") == "ok")
             return bool(await self._redis.ping())
         except REDIS_ERRORS:
             return False
@@ -715,7 +725,9 @@ async def open_memory(settings: Settings) -> Memory:
         return InProcessMemory(settings.memory_max_turns, settings.memory_ttl_seconds)
     url = settings.redis_url.get_secret_value()
     try:
-        cluster = await is_cluster(url)
+        cluster = settings.redis_cluster
+        if cluster is None:
+            cluster = await is_cluster(url)
     except REDIS_ERRORS as exc:
         raise ConfigError(
             f"Cannot reach Redis at {settings.redis_url_masked()} (REDIS_URL): {type(exc).__name__}"
