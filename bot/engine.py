@@ -366,12 +366,6 @@ class Engine:
             out.reply = Reply(BUSY, ok=False)
             yield BUSY
             return
-        limited = await self._limited(message.platform, message.author_id)
-        if limited is not None:
-            out.reply = limited
-            if limited.text:
-                yield limited.text
-            return
         self._pending += 1
         metrics.QUEUE.set(self._pending)
         author = (message.platform, message.author_id)
@@ -428,8 +422,8 @@ class Engine:
     ) -> AsyncGenerator[str, None]:
         conversation = message.conversation
         async with self._order.turn(conversation), self.memory.turn(conversation):
-            # Again, now that the messages before it are answered: those may have
-            # spent what was left when it arrived.
+            # The daily allowance, once the messages before it are answered (they may
+            # have spent what was left when it arrived).
             limited = await self._limited(message.platform, message.author_id)
             if limited is not None:
                 out.reply = limited
