@@ -350,7 +350,8 @@ class Engine:
         # When it was sent, for a /forget: the platform's time, or ours on its arrival
         # here if that is earlier (a platform's clock, or a fake's, may run ahead).
         sent = min(message.timestamp.timestamp(), time.time())
-        text = prompt_text(clean_text(message.text), message.files)
+        said = clean_text(message.text)
+        text = prompt_text(said, message.files)
         if not text.strip() and not message.images:
             # Nothing to answer (e.g. only an image, for a text-only model): the notes
             # say why, else a hint.
@@ -359,7 +360,7 @@ class Engine:
             yield answer
             return
         # Images leave their names in the text (what memory keeps), never their bytes.
-        text = prompt_text(clean_text(message.text), message.files, message.image_names)
+        text = prompt_text(said, message.files, message.image_names)
         if self._pending >= self.max_queue:
             # A flood: say so at once rather than queue without bound.
             log.warning("Busy: %d messages queued; turning one away", self._pending)
@@ -438,23 +439,16 @@ class Engine:
             if message.notes:
                 written.parts.append("\n".join(message.notes) + "\n\n")
                 yield written.parts[0]
-            try:
-                # Only this message's images go with the prompt (a backend that no
-                # longer takes images says so, and answers the text).
-                async for chunk in self._write(
-                    message,
-                    written,
-                    out,
-                    self.backend.prepare(shown, text, persona, speaker),
-                    images=message.images,
-                ):
-                    yield chunk
-            finally:
-                # Whatever came of it (the reader gone at the last word included):
-                # what was generated was spent.
-                if written.prompt is not None:
-                    spent = "".join(written.generated)
-                    await self._count(message.platform, message.author_id, written.prompt, spent)
+            # Only this message's images go with the prompt (a backend that no longer
+            # takes images says so, and answers the text).
+            async for chunk in self._write(
+                message,
+                written,
+                out,
+                self.backend.prepare(shown, text, persona, speaker),
+                images=message.images,
+            ):
+                yield chunk
             if written.prompt is None or written.failed:
                 return
             prompt, answer = written.prompt, written.answer
@@ -531,6 +525,12 @@ class Engine:
             out.reply = Reply("".join(parts) + apology, ok=False)
             yield apology
             return
+        finally:
+            # Whatever came of it (a failure, the reader gone at the last word): what was
+            # generated was spent, by the message's author.
+            if written.prompt is not None:
+                spent = "".join(written.generated)
+                await self._count(message.platform, message.author_id, written.prompt, spent)
         if out.stop.is_set():
             written.stopped = True
             metrics.STOPPED.labels(message.platform).inc()
@@ -588,15 +588,10 @@ class Engine:
             shown, speaker = self._labelled(message, earlier, asked.author_name)
             written = _Written()
             preparing = self.backend.prepare(shown, asked.content, persona, speaker)
-            try:
-                async for chunk in self._write(
-                    message, written, out, preparing, self.regenerate_temperature
-                ):
-                    yield chunk
-            finally:
-                if written.prompt is not None:
-                    spent = "".join(written.generated)
-                    await self._count(conversation.platform, asker_id, written.prompt, spent)
+            async for chunk in self._write(
+                message, written, out, preparing, self.regenerate_temperature
+            ):
+                yield chunk
             if written.prompt is None or written.failed:
                 return
             metrics.REGENERATED.labels(conversation.platform).inc()

@@ -324,14 +324,18 @@ class OpenAIBackend(Backend):
         budget = self._budget()[0] - image_tokens(images)
         if estimate_tokens(messages, self.scale) <= budget:
             return messages
+        fitted = self._refit(messages, budget)
+        return [*fitted.messages[:-1], messages[-1]]
+
+    def _refit(self, messages: list[dict[str, str]], budget: int) -> Fitted:
+        """Chat messages already built, fitted again to a smaller `budget`."""
         system = messages[0]["content"] if messages[0]["role"] == "system" else ""
         turns = [
             Turn("user" if m["role"] == "user" else "assistant", m["content"])
             for m in messages
             if m["role"] != "system"
         ]
-        fitted = fit(system, turns[:-1], turns[-1].content, budget, self.scale)
-        return [*fitted.messages[:-1], messages[-1]]
+        return fit(system, turns[:-1], turns[-1].content, budget, self.scale)
 
     def _shorter(self, messages: list[dict[str, str]], body: str) -> list[dict[str, str]] | None:
         """A shorter prompt after the server refused `messages` as too long, fitted to what
@@ -341,13 +345,7 @@ class OpenAIBackend(Backend):
         size = estimate_tokens(messages, self.scale)
         if size <= budget:  # nothing learned: halve the prompt
             budget = size // 2
-        system = messages[0]["content"] if messages[0]["role"] == "system" else ""
-        turns = [
-            Turn("user" if m["role"] == "user" else "assistant", m["content"])
-            for m in messages
-            if m["role"] != "system"
-        ]
-        fitted = fit(system, turns[:-1], turns[-1].content, budget, self.scale)
+        fitted = self._refit(messages, budget)
         if estimate_tokens(fitted.messages, self.scale) >= size or not fitted.user_text:
             return None
         return fitted.messages

@@ -80,12 +80,17 @@ def connect(
     )
 
 
-async def is_cluster(url: str, timeout: float = 2.0) -> bool:  # noqa: ASYNC109 - socket timeouts
-    """Whether `url` names a node of a Redis Cluster (its INFO says cluster_enabled:1):
-    asked once at start-up, so REDIS_URL may name any node. Raises when unreachable."""
-    probe = aioredis.from_url(
-        url, socket_connect_timeout=timeout, socket_timeout=timeout, decode_responses=True
-    )
+async def is_cluster(
+    url: str,
+    timeout: float = 2.0,  # noqa: ASYNC109 - the sockets' timeouts
+    configured: bool | None = None,
+) -> bool:
+    """Whether `url` names a node of a Redis Cluster: `configured` (REDIS_CLUSTER) if
+    set, else its INFO's cluster_enabled, asked once, so REDIS_URL may name any node.
+    Raises when unreachable."""
+    if configured is not None:
+        return configured
+    probe = connect(url, timeout)
     try:
         info = await probe.info("cluster")
     except ResponseError:  # INFO refused (an ACL without @dangerous, a proxy): one server

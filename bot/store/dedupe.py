@@ -99,9 +99,7 @@ class RedisDedupe:
 
     async def _client(self) -> Client:
         if self._redis is None:
-            cluster = self._cluster
-            if cluster is None:
-                cluster = await is_cluster(self._url, self._timeout)
+            cluster = await is_cluster(self._url, self._timeout, self._cluster)
             self._redis = connect(self._url, self._timeout, self._connection_class, cluster=cluster)
         return self._redis
 

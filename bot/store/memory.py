@@ -725,9 +725,7 @@ async def open_memory(settings: Settings) -> Memory:
         return InProcessMemory(settings.memory_max_turns, settings.memory_ttl_seconds)
     url = settings.redis_url.get_secret_value()
     try:
-        cluster = settings.redis_cluster
-        if cluster is None:
-            cluster = await is_cluster(url)
+        cluster = await is_cluster(url, configured=settings.redis_cluster)
     except REDIS_ERRORS as exc:
         raise ConfigError(
             f"Cannot reach Redis at {settings.redis_url_masked()} (REDIS_URL): {type(exc).__name__}"
