@@ -11,8 +11,8 @@ from typing import Protocol
 
 from bot.engine import Engine
 from bot.inference.generation import Generator
-from bot.inference.loader import load_model
-from bot.inference.local import LocalBackend
+from bot.inference.loader import LoadedModel, load_model
+from bot.inference.local import LocalBackend, ModelRunner
 from bot.settings import Settings
 from bot.store.memory import open_memory
 
@@ -51,8 +51,20 @@ async def build_engine(settings: Settings) -> Engine:
         raise
     finally:
         heartbeat.cancel()
-    local = LocalBackend.from_settings(Generator.from_settings(loaded, settings), settings)
-    return Engine.from_settings(local, memory, settings)
+    return Engine.from_settings(
+        LocalBackend.from_settings(runner(loaded, settings), settings), memory, settings
+    )
+
+
+def runner(loaded: LoadedModel, settings: Settings) -> ModelRunner:
+    """The local model's runner: with its images for a vision model
+    (bot.inference.vision), else the text models' Generator."""
+    if loaded.takes_images:
+        from bot.inference.vision import VisionGenerator
+
+        log.info("Images in messages reach the model (%s)", loaded.name)
+        return VisionGenerator.from_settings(loaded, settings)
+    return Generator.from_settings(loaded, settings)
 
 
 async def serve(

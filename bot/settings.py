@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant."
 
 _redis_dsn = TypeAdapter(RedisDsn)
+_flag = TypeAdapter(bool)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -65,8 +66,9 @@ class Settings(BaseSettings):
     openai_timeout_seconds: float = Field(default=60.0, gt=0)
     openai_stall_timeout_seconds: float = Field(default=30.0, gt=0)
     openai_max_retries: int = Field(default=2, ge=0, le=10)
-    # The served model takes images (OpenAI `image_url` content parts)
-    openai_vision: bool = False
+    # The served model takes images (OpenAI `image_url` content parts); auto: as the
+    # server says (llama.cpp, Ollama, LM Studio), none where it does not say
+    openai_vision: bool | Literal["auto"] = "auto"
     model: str = Field(
         default="",
         description="Hugging Face hub id or local directory; empty: the bundled SmolLM2-135M.",
@@ -199,6 +201,19 @@ class Settings(BaseSettings):
         if not text.startswith(("http://", "https://")):
             raise ValueError("expected an http:// or https:// URL, e.g. http://localhost:8000/v1")
         return value
+
+    @field_validator("openai_vision", mode="before")
+    @classmethod
+    def _vision(cls, value: object) -> object:
+        # One line for a bad value (a plain union would report each of its members).
+        if isinstance(value, str):
+            value = value.strip()
+            if value.lower() == "auto":
+                return "auto"
+        try:
+            return _flag.validate_python(value)
+        except ValidationError:
+            raise ValueError("expected true, false or auto") from None
 
     @model_validator(mode="after")
     def _shards(self) -> Settings:

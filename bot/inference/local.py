@@ -2,7 +2,9 @@
 
 Decoder-only models go through the step scheduler (bot.inference.scheduler), others
 are dynamically batched through `generate` (bot.inference.batching); prompts are
-fitted on a thread of their own (bot.inference.generation.Generator.prepare).
+fitted on a thread of their own (bot.inference.generation.Generator.prepare). A model
+that takes images (bot.inference.vision) runs one reply per `generate` call on the
+worker thread, with the message's images.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from bot.inference.backend import Backend, Prompt
 from bot.inference.batching import Batcher, BatchRunner
@@ -39,10 +41,26 @@ class ModelRunner(BatchRunner, Protocol):
     ) -> Prompt: ...
 
 
+class VisionRunner(ModelRunner, Protocol):
+    """A local model that takes images (bot.inference.vision.VisionGenerator): each
+    reply one blocking call, its notes (images left out) apart from its text."""
+
+    takes_images: bool
+
+    def generate(
+        self,
+        prompt: Prompt,
+        on_text: Callable[[str], None],
+        stop: threading.Event,
+        on_note: Callable[[str], None],
+    ) -> str: ...
+
+
 class LocalBackend(Backend):
     """A local model on one worker thread: decoder-only models in the step scheduler
     (bot.inference.scheduler), others dynamically batched through `generate`
-    (bot.inference.batching)."""
+    (bot.inference.batching), a model that takes images one reply per `generate` call
+    (bot.inference.vision)."""
 
     def __init__(
         self,
@@ -53,6 +71,8 @@ class LocalBackend(Backend):
     ) -> None:
         self.runner = runner
         self.scheduler: Scheduler | None = getattr(runner, "scheduler", None)
+        self.vision = cast(VisionRunner, runner) if getattr(runner, "takes_images", False) else None
+        self._seeing: set[threading.Event] = set()  # replies with images running or queued
         self.close_timeout = close_timeout
         # Prompt fitting on its own thread, so it never waits behind generation.
         self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
@@ -61,6 +81,10 @@ class LocalBackend(Backend):
         self._warm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
         self.batcher = Batcher(runner, self._generate_pool, max_batch, max_wait)
         self._warming: set[Future[None]] = set()  # next turns being prepared
+
+    @property
+    def takes_images(self) -> bool:
+        return self.vision is not None
 
     @classmethod
     def from_settings(cls, runner: ModelRunner, settings: Settings) -> LocalBackend:
@@ -104,6 +128,19 @@ class LocalBackend(Backend):
                     temperature=prompt.temperature,
                 )
             )
+        elif self.vision is not None:
+            # One reply per call on the worker thread (fitting the images in, reading
+            # them, generating); its text and notes reach the loop before its end does.
+            self._seeing.add(stop)
+            job = loop.run_in_executor(
+                self._generate_pool, self.vision.generate, prompt, hand_over, stop, hand_over
+            )
+
+            def ended(f: asyncio.Future[str]) -> None:
+                self._seeing.discard(stop)
+                queue.put_nowait(_End(None if f.cancelled() else f.exception() or None))
+
+            job.add_done_callback(ended)
         else:
             # The worker's text reaches the loop before the batch's result does, so the
             # end marker queued on completion comes after the last piece of text.
@@ -171,7 +208,11 @@ class LocalBackend(Backend):
     def idle(self) -> bool:
         """Nothing generating, queued, or being prepared between turns (for tests and
         the bench)."""
-        return not self._warming and (self.scheduler is None or self.scheduler.idle)
+        return (
+            not self._warming
+            and not self._seeing
+            and (self.scheduler is None or self.scheduler.idle)
+        )
 
     async def ready(self) -> bool:
         return self.scheduler is None or self.scheduler.alive
@@ -179,6 +220,8 @@ class LocalBackend(Backend):
     async def close(self) -> None:
         """Stop the running rows and the worker, waiting off the loop, bounded."""
         await self.batcher.close()
+        for stop in self._seeing:
+            stop.set()
         scheduler = self.scheduler
         if scheduler and not await asyncio.to_thread(scheduler.close, self.close_timeout):
             log.warning("The model was still busy %.0f s after stopping", self.close_timeout)

@@ -34,6 +34,12 @@ server that refuses them (a 4xx naming images, vision or `image_url`; or a 5xx s
 images are not supported) gets the message again once, as text, and the person a note
 (IMAGES_REFUSED); from then on this process sends it no images (`takes_images` is
 False, so the adapters do not even download them).
+
+OPENAI_VISION=auto (the default) asks the server once, in the background from the
+start, whether its model takes images (`OpenAIBackend._what_server_says`: llama.cpp's
+`/props`, Ollama's `/api/show`, LM Studio's `/api/v0/models`, the `/v1/models` entry).
+Until it has said so, and for a server that does not say (vLLM), no images are sent,
+as with false.
 """
 
 from __future__ import annotations
@@ -44,9 +50,10 @@ import json
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
@@ -92,6 +99,13 @@ MAX_SCALE = 8.0
 _WINDOW = re.compile(
     r"maximum context length is (\d+)|must be <= (\d+)|\"n_ctx\"\s*:\s*(\d+)", re.IGNORECASE
 )
+# Asking whether the served model takes images (OPENAI_VISION=auto): each question's
+# limit, the most of an answer read (llama.cpp's /props carries the chat template,
+# Ollama's /api/show the license), and how long a server that could not be asked
+# (down, still loading) waits before the next message asks again.
+VISION_QUESTION_SECONDS = 5.0
+VISION_ANSWER_BYTES = 2_000_000
+VISION_ASK_AGAIN_SECONDS = 60.0
 _PROMPT_TOKENS = re.compile(
     r"\((\d+) in the messages|request has (\d+) input tokens|messages resulted in (\d+) tokens"
     r"|Given: (\d+) `inputs` tokens|\"n_prompt_tokens\"\s*:\s*(\d+)",
@@ -199,6 +213,8 @@ class OpenAIBackend(Backend):
         base = settings.openai_base_url.get_secret_value()
         self.url = base.rstrip("/") + "/chat/completions"
         self.masked_url = mask_url(self.url)
+        self.models_url = base.rstrip("/") + "/models"
+        self.root = server_root(base)
         self.model = settings.openai_model
         self.system_prompt = settings.system_prompt
         self.retries = settings.openai_max_retries
@@ -226,11 +242,22 @@ class OpenAIBackend(Backend):
         }
         self._session: aiohttp.ClientSession | None = None
         self._down = False
-        self.vision = settings.openai_vision
+        # OPENAI_VISION: True or False as set; None (auto) until the server has said.
+        wanted = settings.openai_vision
+        self.vision: bool | None = wanted if isinstance(wanted, bool) else None
         self._images_refused = False  # the server said it takes none: for the process
+        self._asking: asyncio.Task[None] | None = None
+        self._ask_again_at = 0.0  # loop time: a server not asked yet, or not answering
+        self._asked_once = False
+        self._ask_vision()  # at start, when there is a loop; else at the first message
 
     @property
     def takes_images(self) -> bool:
+        """With OPENAI_VISION=auto: False until the server has said its model takes
+        images (reading it starts the question in the background when one is due)."""
+        if self.vision is None:
+            self._ask_vision()
+            return False
         return self.vision and not self._images_refused
 
     def _budget(self) -> tuple[int, int]:
@@ -271,6 +298,9 @@ class OpenAIBackend(Backend):
 
     async def stream(self, prompt: Prompt) -> AsyncIterator[str]:
         messages = list(prompt.messages)
+        asking = self._ask_vision() if prompt.images else None
+        if asking is not None:  # images came before the answer: wait for it (bounded)
+            await asyncio.shield(asking)
         images = prompt.images if self.takes_images else ()
         if prompt.images and not images:  # refused meanwhile: say so, answer the text
             yield Note(IMAGES_REFUSED)
@@ -506,14 +536,120 @@ class OpenAIBackend(Backend):
         # that accepts connections but never answers is not ready.
         limit = aiohttp.ClientTimeout(total=min(10.0, self.first_token_timeout))
         try:
-            async with self._client().get(
-                self.url.rsplit("/chat/", 1)[0] + "/models", timeout=limit
-            ):
+            async with self._client().get(self.models_url, timeout=limit):
                 return True
         except (aiohttp.ClientError, TimeoutError):
             return False
 
+    def _ask_vision(self) -> asyncio.Task[None] | None:
+        """The question whether the served model takes images (OPENAI_VISION=auto), in
+        the background: started unless answered, under way (returned), asked within
+        VISION_ASK_AGAIN_SECONDS, or there is no event loop yet."""
+        if self.vision is not None:
+            return None
+        if self._asking is not None and not self._asking.done():
+            return self._asking
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        if loop.time() < self._ask_again_at:
+            return None
+        self._asking = loop.create_task(self._learn_vision(), name="openai-vision")
+        return self._asking
+
+    async def _learn_vision(self) -> None:
+        """Ask, and keep the answer: what the server says, else (it answered, but not
+        this) no images for the process; a server that could not be asked is asked
+        again with a message after VISION_ASK_AGAIN_SECONDS. Never raises."""
+        where = mask_url(self.root)
+        try:
+            said, source, answered = await self._what_server_says()
+        except Exception as exc:  # not knowing means no images, never a failed reply
+            said, source, answered = None, "", True
+            why = self._scrub(repr(exc))
+            log.info("Asking %s whether its model takes images failed: %s", where, why)
+        if said is not None:
+            self.vision = said
+            log.info(
+                "Inference server at %s says (%s) its model takes %s (OPENAI_VISION=auto)",
+                where,
+                source,
+                "images: sending them" if said else "no images: sending none",
+            )
+        elif answered:
+            self.vision = False
+            log.info(
+                "Inference server at %s does not say whether its model takes images: "
+                "sending none (OPENAI_VISION=true sends them)",
+                where,
+            )
+        else:
+            self._ask_again_at = asyncio.get_running_loop().time() + VISION_ASK_AGAIN_SECONDS
+            log.log(
+                logging.DEBUG if self._asked_once else logging.INFO,
+                "Inference server at %s did not answer whether its model takes images; "
+                "sending none, asking again with a message in %g s",
+                where,
+                VISION_ASK_AGAIN_SECONDS,
+            )
+            self._asked_once = True
+
+    async def _what_server_says(self) -> tuple[bool | None, str, bool]:
+        """Whether the model takes images as the server says it (None: it does not
+        say), where it said so, and whether the server answered HTTP at all. The
+        questions go together; a server answers the ones it knows, 404 to the rest."""
+        questions: list[tuple[str, str, str, dict[str, Any] | None, _Reader]] = [
+            ("llama.cpp /props", "GET", self.root + "/props", None, _vision_in_props),
+            (
+                "LM Studio /api/v0/models",
+                "GET",
+                self.root + "/api/v0/models",
+                None,
+                _vision_in_models,
+            ),
+            ("/v1/models", "GET", self.models_url, None, _vision_in_models),
+        ]
+        if self.model:  # Ollama's needs the model's name
+            body = {"model": self.model}
+            show = ("Ollama /api/show", "POST", self.root + "/api/show", body, _vision_in_show)
+            questions.insert(1, show)
+        answers = await asyncio.gather(*(self._ask(m, url, b) for _, m, url, b, _ in questions))
+        for (source, *_, read), (data, _) in zip(questions, answers, strict=True):
+            said = read(data, self.model) if data is not None else None
+            if said is not None:
+                return said, source, True
+        return None, "", any(answered for _, answered in answers)
+
+    async def _ask(self, method: str, url: str, body: dict[str, Any] | None) -> tuple[Any, bool]:
+        """The server's JSON answer at `url` (None: an error status, or not JSON), and
+        whether it answered: a refused connection, a timeout and 502-504 (a server or
+        its proxy not ready yet, llama.cpp loading the model) are no answer."""
+        limit = aiohttp.ClientTimeout(total=min(VISION_QUESTION_SECONDS, self.first_token_timeout))
+        try:
+            async with self._client().request(method, url, json=body, timeout=limit) as response:
+                if response.status in (502, 503, 504):
+                    return None, False
+                if response.status >= 300:
+                    return None, True
+                data = bytearray()
+                while len(data) < VISION_ANSWER_BYTES:
+                    chunk = await response.content.read(VISION_ANSWER_BYTES - len(data))
+                    if not chunk:
+                        break
+                    data += chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.debug("No answer at %s: %s", mask_url(url), self._scrub(repr(exc)))
+            return None, False
+        try:
+            return json.loads(data), True
+        except ValueError:  # not JSON, or cut at the limit
+            return None, True
+
     async def close(self) -> None:
+        if self._asking is not None and not self._asking.done():
+            self._asking.cancel()
+            await asyncio.gather(self._asking, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
 
@@ -541,6 +677,59 @@ def _server_message(body: str, limit: int = 300) -> str:
             break
         data = inner
     return " ".join(text.split())[:limit]
+
+
+def server_root(base: str) -> str:
+    """The server's own address from its OpenAI base URL, where llama.cpp's `/props`
+    and Ollama's and LM Studio's `/api/…` are: without a last `/v1`
+    (http://host:11434/v1 -> http://host:11434; a proxy's http://host/llm/v1 ->
+    http://host/llm)."""
+    parts = urlsplit(base)
+    path = parts.path.rstrip("/").removesuffix("/v1")
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, parts.fragment))
+
+
+# What one answer says of the model's images: True, False, or None (it does not say).
+_Reader = Callable[[Any, str], bool | None]
+
+
+def _vision_in_props(data: Any, model: str) -> bool | None:
+    """llama.cpp's `GET /props`: `"modalities": {"vision": true}` (builds since its
+    multimodal server, 2025; tools/server/README.md, "GET /props")."""
+    modalities = data.get("modalities") if isinstance(data, dict) else None
+    vision = modalities.get("vision") if isinstance(modalities, dict) else None
+    return vision if isinstance(vision, bool) else None
+
+
+def _vision_in_show(data: Any, model: str) -> bool | None:
+    """Ollama's `POST /api/show`: `"capabilities": ["completion", "vision"]` (api/types.go
+    ShowResponse; types/model/capability.go CapabilityVision; older versions leave the
+    list out)."""
+    capabilities = data.get("capabilities") if isinstance(data, dict) else None
+    if not isinstance(capabilities, list) or not capabilities:
+        return None
+    return "vision" in capabilities
+
+
+def _vision_in_models(data: Any, model: str) -> bool | None:
+    """A model list's entry for `model` (or its only entry: llama.cpp answers any name):
+    LM Studio's `GET /api/v0/models` has `"type": "vlm"` or `"llm"` (its docs, REST API
+    v0); newer llama.cpp builds' and OpenRouter's `/v1/models` have
+    `"architecture": {"input_modalities": ["text", "image"]}`. vLLM's says nothing."""
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return None
+    named = [e for e in entries if isinstance(e, dict) and e.get("id") == model]
+    if not named and len(entries) == 1 and isinstance(entries[0], dict):
+        named = entries
+    if not named:
+        return None
+    entry = named[0]
+    if entry.get("type") in ("vlm", "llm"):
+        return bool(entry["type"] == "vlm")
+    architecture = entry.get("architecture")
+    inputs = architecture.get("input_modalities") if isinstance(architecture, dict) else None
+    return "image" in inputs if isinstance(inputs, list) else None
 
 
 def image_tokens(images: Sequence[ImageInput]) -> int:
