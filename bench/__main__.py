@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_model(settings)
     log.info("model loaded in %.1f s", time.perf_counter() - begin)
     dtype, threads = dtype_name(loaded.model), torch.get_num_threads()
+    if settings.dtype == "int8":  # the engine's products; the seed loop's stay bf16
+        dtype = f"int8 weights, {dtype}"
     tokenizer = loaded.tokenizer
 
     def count_tokens(text: str) -> int:

@@ -74,7 +74,9 @@ class Settings(BaseSettings):
         description="Hugging Face hub id or local directory; empty: the bundled SmolLM2-135M.",
     )
     model_cache_dir: Path = Path.home() / ".cache" / "chatbot"
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # int8: bf16 activations with the decoder's matrix weights in int8 (lossy, opt-in;
+    # CPU, Llama-family models through the lean forward: bot.inference.fastpath)
+    dtype: Literal["auto", "bf16", "fp16", "fp32", "int8"] = "auto"
     device: str = "auto"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_new_tokens: PositiveInt = 256

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -15,8 +16,10 @@ from typing import Any
 
 import pytest
 
+from bot.engine import Engine
 from bot.inference.generation import Generator
 from bot.inference.loader import LoadedModel, load_model
+from bot.inference.local import LocalBackend
 from bot.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -227,6 +230,17 @@ def greedy(loaded: LoadedModel, max_new_tokens: int = 24, **settings: Any) -> Ge
     """A Generator on `loaded` with greedy decoding (the same input gives the same reply)."""
     base = make_settings(temperature=0, max_new_tokens=max_new_tokens, **settings)
     return Generator.from_settings(loaded, base)
+
+
+async def settle(engine: Engine) -> None:
+    """Wait (bounded) until the model has nothing left to do: reading ahead, and the
+    finished rows' caches copied into the store (off the worker thread)."""
+    assert isinstance(engine.backend, LocalBackend)
+    for _ in range(1200):
+        if engine.backend.idle:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the scheduler never became idle")
 
 
 def bot_env(**values: str) -> dict[str, str]:

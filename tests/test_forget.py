@@ -19,7 +19,7 @@ from bot.messages import ConversationKey, Message, Turn
 from bot.store.forgetting import Forgotten, forget_person
 from bot.store.memory import InProcessMemory, Memory, RedisMemory
 from bot.store.schema import redis_key, user_key
-from tests.conftest import RedisClusterNodes, RedisServer, bot_env, greedy, run_bot
+from tests.conftest import RedisClusterNodes, RedisServer, bot_env, greedy, run_bot, settle
 from tests.scripted import ScriptedModel
 
 GENERAL = ConversationKey("discord", "100")
@@ -128,10 +128,12 @@ async def test_the_model_cache_of_a_conversation_goes_too(bundled: LoadedModel) 
     assert scheduler is not None
     engine = Engine(LocalBackend(generator), InProcessMemory(20, 600))
     await engine.reply(said(GENERAL, "1", "my secret is 4417"))
+    await settle(engine)  # the cache is copied into the store off the worker thread
     assert scheduler.store.peek(str(GENERAL)) is not None
     await engine.forget_user("discord", "1")
     # Forgetting is done on the worker between steps: after another reply's, surely.
     await engine.reply(said(OTHER, "2", "hello"))
+    await settle(engine)
     assert scheduler.store.take(str(GENERAL)) is None
     assert scheduler.store.take(str(OTHER)) is not None
     await engine.close()
@@ -277,6 +279,10 @@ async def test_an_idle_conversations_model_cache_goes_after_the_memory_ttl(
     assert scheduler is not None
     engine = Engine(LocalBackend(generator), InProcessMemory(20, 1))
     await engine.reply(said(GENERAL, "1", "my secret is 4417"))
+    for _ in range(100):  # copied into the store off the worker thread, at once
+        if scheduler.store.peek(str(GENERAL)) is not None:
+            break
+        await asyncio.sleep(0.005)
     assert scheduler.store.peek(str(GENERAL)) is not None
     for _ in range(400):  # the system prompt's shared cache too (put a moment later)
         if len(scheduler.store) == 0:

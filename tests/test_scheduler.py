@@ -21,7 +21,7 @@ from bot.inference.local import LocalBackend
 from bot.inference.scheduler import Row, Scheduler
 from bot.messages import ConversationKey, Message, Turn
 from bot.store.memory import InProcessMemory
-from tests.conftest import greedy, make_settings
+from tests.conftest import greedy, make_settings, settle
 
 pytestmark = pytest.mark.model
 
@@ -114,13 +114,53 @@ async def test_reset_forgets_the_cache(fp32: LoadedModel) -> None:
     engine = Engine(LocalBackend(greedy(fp32, max_new_tokens=8)), InProcessMemory(20, 600))
     scheduler = scheduler_of(engine)
     await engine.reply(msg("Hello!", "r"))
+    await settle(engine)  # the cache is copied into the store off the worker thread
     kept = str(ConversationKey("test", "r"))
     assert scheduler.store.peek(kept) is not None
     await engine.reset(ConversationKey("test", "r"))
     await engine.reply(msg("Hello!", "other"))  # the forget is applied between steps
+    await settle(engine)
     # Only "other" is left (and the system prompt's opening, shared by every conversation).
     assert scheduler.store.peek(kept) is None
     assert scheduler.store.peek(str(ConversationKey("test", "other"))) is not None
+    await engine.close()
+
+
+async def test_a_finished_rows_cache_is_copied_while_the_others_go_on(
+    fp32: LoadedModel,
+) -> None:
+    """A row that ends has its cache copied into the store (tens of MB for a long
+    conversation) on a thread of its own: with that copy held up, another row keeps
+    writing, and the cache lands once the copy is done."""
+    generator = greedy(fp32, max_new_tokens=64, batch_size=4)
+    scheduler = generator.scheduler
+    assert scheduler is not None
+    engine = Engine(LocalBackend(generator), InProcessMemory(20, 600))
+    pool = scheduler._pool
+    copy, copying, release = pool.save, threading.Event(), threading.Event()
+
+    def held_up(slot: int, length: int) -> Any:
+        copying.set()
+        release.wait(60)
+        return copy(slot, length)
+
+    pool.save = held_up  # type: ignore[method-assign]
+    try:
+        story = aiter(engine.stream(msg("Tell me a very long story about dragons.", "long")))
+        await anext(story)
+        short = await engine.reply(msg("Name a colour.", "short"))
+        assert short.ok
+        assert await asyncio.to_thread(copying.wait, 60)
+        # The copy is stuck; the story still gets its next words.
+        for _ in range(3):
+            await asyncio.wait_for(anext(story), 30)
+        assert scheduler.store.peek(str(ConversationKey("test", "short"))) is None
+    finally:
+        release.set()
+    async for _ in story:
+        pass
+    await settle(engine)
+    assert scheduler.store.peek(str(ConversationKey("test", "short"))) is not None
     await engine.close()
 
 
@@ -285,16 +325,6 @@ async def test_a_reply_does_not_depend_on_who_shares_its_steps(
             await engine.close()
 
     assert await reply_with(others) == await reply_with(0)
-
-
-async def settle(engine: Engine) -> None:
-    """Wait (bounded) until the model has nothing left to do, reading ahead included."""
-    assert isinstance(engine.backend, LocalBackend)
-    for _ in range(1200):
-        if engine.backend.idle:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the scheduler never became idle")
 
 
 async def test_each_turn_reads_only_its_new_tokens(fp32: LoadedModel) -> None:

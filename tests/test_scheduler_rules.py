@@ -35,6 +35,7 @@ class Gated(torch.nn.Module):
         self.inner = inner
         self.config = inner.config
         self.before: Callable[[], None] = lambda: None
+        self.sizes: list[int] = []  # tokens each forward pass read
 
     @property
     def dtype(self) -> torch.dtype:
@@ -45,6 +46,7 @@ class Gated(torch.nn.Module):
         return torch.device("cpu")
 
     def forward(self, **kwargs: Any) -> Any:
+        self.sizes.append(int(kwargs["input_ids"].shape[-1]))
         self.before()
         return self.inner(**kwargs)
 
@@ -147,6 +149,40 @@ def test_a_long_prompt_is_not_starved_by_a_stream_of_short_ones(tiny: Gated) -> 
     budget = 32 // 4
     assert waited <= 2 * (600 // budget) + 10, waited
     assert count[0] < 300, "short messages kept arriving all along"
+
+
+def test_a_short_message_behind_a_long_one_starts_in_a_step_of_its_own_size(
+    tiny: Gated,
+) -> None:
+    """Head of line: a one-line message arriving while a long prompt is read has its
+    first token from the next step, and that step reads its prompt only (no part of
+    the long one, which would make that first token wait longer than alone)."""
+    scheduler = make(tiny, max_new_tokens=2, max_rows=4, step_tokens=64)
+    sizes = tiny.sizes
+    sizes.clear()
+    arrived: list[int] = []
+    short: list[Outcome] = []
+
+    def before() -> None:
+        if len(sizes) == 3:  # the long prompt's third chunk: the short one arrives
+            arrived.append(scheduler.steps)
+            short.append(submit(scheduler, prompt(20, start=300))[1])
+
+    tiny.before = before
+    try:
+        _, long = submit(scheduler, prompt(1000, start=500))
+        wait(long)
+        wait(short[0])
+    finally:
+        tiny.before = lambda: None
+        scheduler.close(10)
+    first = short[0].first_step
+    assert first is not None
+    # The step in flight when it came, then its own: 20 tokens, not a full 64.
+    assert first - arrived[0] <= 2, (first, arrived)
+    assert sizes[first - 1] == 20, sizes[:8]
+    assert max(sizes) == 64  # the long prompt still reads in full steps otherwise
+    assert long.error is None and short[0].error is None
 
 
 def test_a_stopped_row_leaves_before_the_next_arrivals_join(tiny: Gated) -> None:

@@ -39,7 +39,7 @@ def test_env_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         ("TEMPERATURE", "-1", "greater than or equal to 0"),
         ("REDIS_URL", "localhost:6379", "not a redis:// or rediss:// URL"),
         ("REDIS_URL", "http://user:s3cretpass@example.com", "not a redis:// or rediss:// URL"),
-        ("DTYPE", "bf17", "'auto', 'bf16', 'fp16' or 'fp32'"),
+        ("DTYPE", "bf17", "'auto', 'bf16', 'fp16', 'fp32' or 'int8'"),
         ("DEVICE", "gpu", "expected auto, cpu"),
         ("MEMORY_MAX_TURNS", "many", "valid integer"),
         ("SLACK_BOT_TOKEN", "not-a-token", "starts with xoxb-"),

@@ -19,12 +19,20 @@ In bf16 on a CPU whose oneDNN has bf16, every product's weight is also laid out 
 in oneDNN's blocked format (`_pack`), the same bits as `F.linear` in ~0.7x the time.
 `torch.compile` (inductor) of each layer's two halves was measured and not kept: ~86 s
 to compile on 2 cores, other low bits, and 1.16x / 1.04x *slower* steps at 1 / 16 rows.
+
+With `DTYPE=int8` (opt-in, lossy) the decoder's products use int8 weights, one scale per
+output channel, and bf16 activations (`torch._weight_int8pack_mm`): half the weight
+bytes of bf16, and a one-row kernel faster than oneDNN's on the machines measured
+(README, Performance). The output head stays bf16. Each row's result does not depend on
+how many rows share the product, so batch invariance holds as in bf16.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,7 +52,12 @@ class Unsupported(ValueError):
     """The model is not one the lean forward reproduces exactly."""
 
 
-def _check(model: Any) -> None:
+def _check(model: Any, int8: bool = False) -> None:
+    if int8:
+        if model.device.type != "cpu" or model.dtype != torch.bfloat16:
+            raise Unsupported("int8 weights run on a CPU, with the model loaded in bf16")
+        if not hasattr(torch, "_weight_int8pack_mm"):
+            raise Unsupported("this torch has no int8 weight kernel")
     config = model.config.get_text_config()
     if getattr(config, "model_type", None) not in _FAMILIES:
         raise Unsupported(f"model type {getattr(config, 'model_type', None)!r}")
@@ -74,6 +87,13 @@ def _check(model: Any) -> None:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             if type(norm).__name__ not in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"):
                 raise Unsupported(type(norm).__name__)
+    if int8:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        # The kernel reads its inputs in blocks of 16 (other widths crash torch 2.13).
+        widths = (config.hidden_size, config.intermediate_size, heads * head_dim)
+        if any(width % 16 for width in widths):
+            raise Unsupported(f"int8 weights need layer widths in multiples of 16, not {widths}")
 
 
 # Rows a packed weight is laid out for (any count works; this one gave the same bits
@@ -93,6 +113,31 @@ def _can_pack(model: Any) -> bool:
 def _pack(weight: torch.Tensor) -> torch.Tensor:
     packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS)
     return packed
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A weight quantized per output channel: `values` int8 [out, in], `scales` [out]
+    in the activations' dtype; the weight is about `values * scales[:, None]`."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+
+def quantize(weight: torch.Tensor) -> Int8Weight:
+    """Symmetric per-channel int8: each output row scaled so its largest weight is 127
+    (rounded with the scale as the kernel will use it, in the weight's dtype)."""
+    rows = weight.detach().float()
+    scales = (rows.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    scales = scales.to(weight.dtype)
+    values = torch.round(rows / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return Int8Weight(values.contiguous(), scales)
+
+
+def _int8(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """A product with an int8 weight (`quantize`), bf16 in and out."""
+    result: torch.Tensor = torch._weight_int8pack_mm(x, weight.values, weight.scales)
+    return result if bias is None else result + bias
 
 
 def _join(linears: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -135,6 +180,11 @@ class _Layer:
 
     def __init__(self, layer: Any, heads: int, kv_heads: int, head_dim: int) -> None:
         attention, mlp = layer.self_attn, layer.mlp
+        # Tensors, packed or not, or `Int8Weight`s (DTYPE=int8).
+        self.qkv: Any
+        self.gate_up: Any
+        self.o: Any
+        self.down: Any
         self.qkv, self.qkv_bias = _join([attention.q_proj, attention.k_proj, attention.v_proj])
         self.gate_up, self.gate_up_bias = _join([mlp.gate_proj, mlp.up_proj])
         self.o, self.o_bias = attention.o_proj.weight, attention.o_proj.bias
@@ -159,7 +209,8 @@ def _packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return result
 
 
-Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# A product with a layer's weight: a tensor, packed or not, or an `Int8Weight`.
+Linear = Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor]
 
 
 def _before_attention(
@@ -208,8 +259,8 @@ def _after_attention(
 class FastForward:
     """The model's logits for a `RaggedStep`, in fewer calls than its own forward."""
 
-    def __init__(self, model: Any) -> None:
-        _check(model)
+    def __init__(self, model: Any, int8: bool = False) -> None:
+        _check(model, int8)
         config = model.config.get_text_config()
         base = model.model
         heads = config.num_attention_heads
@@ -223,7 +274,26 @@ class FastForward:
         self.eps = float(base.norm.variance_epsilon)
         self.head, self.head_bias = model.lm_head.weight, model.lm_head.bias
         self.linear: Linear = _plain
-        self.packed = _can_pack(model) and self._pack()
+        self.head_linear: Linear = _plain
+        self.int8 = int8
+        if int8:
+            self._quantize()
+            self.packed = False
+        else:
+            self.packed = _can_pack(model) and self._pack()
+
+    def _quantize(self) -> None:
+        """DTYPE=int8: the decoder's products with int8 weights; the output head, the
+        widest product and the one a lossy weight would change most, stays bf16
+        (packed where oneDNN can). The bf16 weights stay for the model's own forward."""
+        for layer in self.layers:
+            layer.qkv, layer.o, layer.gate_up, layer.down = (
+                quantize(w) for w in (layer.qkv, layer.o, layer.gate_up, layer.down)
+            )
+        self.linear = _int8
+        if _can_pack(self.model):
+            with contextlib.suppress(RuntimeError):  # this oneDNN cannot: plain stays
+                self.head, self.head_linear = _pack(self.head), _packed
 
     def _pack(self) -> bool:
         """bf16 on a CPU: every product's weight in oneDNN's blocked layout, made once
@@ -242,7 +312,7 @@ class FastForward:
         for layer, (qkv, o, gate_up, down) in zip(self.layers, packed, strict=True):
             layer.qkv, layer.o, layer.gate_up, layer.down = qkv, o, gate_up, down
         self.head = head
-        self.linear = _packed
+        self.linear = self.head_linear = _packed
         return True
 
     def __call__(self, ids: torch.Tensor, step: RaggedStep, keep: torch.Tensor) -> torch.Tensor:
@@ -288,22 +358,31 @@ class FastForward:
                 layer.intermediate,
             )
         picked = _rms(hidden[keep], self.norm, self.eps)
-        return self.linear(picked, self.head, self.head_bias)
+        return self.head_linear(picked, self.head, self.head_bias)
 
 
-_ATTRIBUTE = "_chatbot_fast_forward"
-
-
-def fast_forward(model: Any) -> FastForward | None:
-    """The lean forward for `model` (one per model: its weights are joined once), or
-    None (with the reason logged) when its architecture is not one it reproduces."""
-    known = getattr(model, _ATTRIBUTE, None)
+def fast_forward(model: Any, int8: bool = False) -> FastForward | None:
+    """The lean forward for `model` (one per model and mode: its weights are joined and
+    quantized once), or None (with the reason logged) when its architecture is not one
+    it reproduces."""
+    attribute = "_chatbot_fast_forward_int8" if int8 else "_chatbot_fast_forward"
+    known = getattr(model, attribute, None)
     if isinstance(known, FastForward):
         return known
     try:
-        fast = FastForward(model)
+        fast = FastForward(model, int8)
     except Unsupported as exc:
         log.info("The lean decoding path is off for this model (%s)", exc)
         return None
-    setattr(model, _ATTRIBUTE, fast)
+    setattr(model, attribute, fast)
     return fast
+
+
+def unsupported(model: Any, int8: bool = False) -> str | None:
+    """Why the lean forward cannot run `model` (None: it can), checked before loading
+    anything into it: DTYPE=int8 is refused at start-up rather than quietly run in bf16."""
+    try:
+        _check(model, int8)
+    except Unsupported as exc:
+        return str(exc)
+    return None

@@ -23,6 +23,7 @@ from bot import metrics
 from bot.inference.backend import Prompt
 from bot.inference.detokenize import TextStream
 from bot.inference.fastpath import fast_forward
+from bot.inference.fastpath import unsupported as fastpath_unsupported
 from bot.inference.kvcache import install, opening
 from bot.inference.loader import LoadedModel
 from bot.inference.prompt import PromptFormat, build_prompt, encode, renders_names
@@ -130,9 +131,11 @@ class Generator:
         cache_idle_seconds: float | None = None,
         memory_turns: int = 20,
         fast_decode: bool = True,
+        int8: bool = False,
     ) -> None:
         self.loaded = loaded
         self.fast_decode = fast_decode
+        self.int8 = int8
         self.cache_idle_seconds = cache_idle_seconds
         self.memory_turns = memory_turns
         self.format = PromptFormat(
@@ -157,6 +160,16 @@ class Generator:
         unsupported = None if loaded.is_encoder_decoder else install(loaded.model)
         if unsupported:
             log.info("Continuous batching is off for this model (%s)", unsupported)
+        if int8:
+            # Refused at start-up, not quietly run in bf16: int8 weights exist only in
+            # the lean forward of the step scheduler.
+            why = unsupported or fastpath_unsupported(loaded.model, int8=True)
+            if loaded.is_encoder_decoder or not fast_decode or why:
+                reason = why or ("FAST_DECODE=false" if not fast_decode else "encoder-decoder")
+                raise ConfigError(
+                    "Invalid configuration: DTYPE: int8 needs a Llama-family decoder "
+                    f"through the lean forward, on a CPU ({reason})"
+                )
         if not loaded.is_encoder_decoder and not unsupported:
             self.scheduler = self._scheduler(
                 window, max_new, options, max_rows, chunk_tokens, cache_bytes
@@ -187,7 +200,9 @@ class Generator:
                 cache_idle_seconds=self.cache_idle_seconds,
                 seed=options.seed,
                 # The same logits as the model's own forward, in fewer calls.
-                fast=partial(fast_forward, self.loaded.model) if self.fast_decode else None,
+                fast=partial(fast_forward, self.loaded.model, self.int8)
+                if self.fast_decode
+                else None,
             )
         except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory errors
             raise ConfigError(
@@ -209,6 +224,7 @@ class Generator:
             cache_idle_seconds=settings.memory_ttl_seconds,
             memory_turns=settings.memory_max_turns,
             fast_decode=settings.fast_decode,
+            int8=settings.dtype == "int8",
         )
 
     def prepare(

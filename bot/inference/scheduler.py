@@ -24,6 +24,7 @@ import threading
 from array import array
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,16 @@ class Row:
     ended: bool = False
 
 
+@dataclass
+class _Saving:
+    """A finished row's cache being copied out of its slot, off the worker thread: the
+    slot is not free, and the conversation's next turn waits for it, until it lands."""
+
+    slot: int
+    key: str
+    copied: Future[list[tuple[str, Prefix]]]
+
+
 class Scheduler:
     """Runs rows in steps on its own thread; `submit` is safe from any thread."""
 
@@ -130,6 +141,10 @@ class Scheduler:
         self._pool = SlotPool(self.shape, max_rows, capacity)
         self._rows: list[Row] = []
         self._free = list(range(max_rows))  # a heap of the slots no row holds
+        # Finished rows' caches being copied into the store (a 2,048-token row is
+        # ~47 MB in bf16): on a thread of their own, so no step waits for a copy.
+        self._saving: list[_Saving] = []
+        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-save")
         self._inbox: deque[Row] = deque()
         self._ahead: dict[str, list[int]] = {}  # conversations' next prompts to read ahead
         self.forgets = 0  # `forget` calls so far
@@ -212,7 +227,7 @@ class Scheduler:
     def idle(self) -> bool:
         """Nothing running, queued or left to read ahead."""
         with self._wake:
-            return not (self._rows or self._inbox or self._ahead)
+            return not (self._rows or self._inbox or self._ahead or self._saving)
 
     @property
     def alive(self) -> bool:
@@ -232,16 +247,24 @@ class Scheduler:
             try:
                 with self._wake:
                     while not (
-                        self._inbox or self._rows or self._forget or self._closing or self._ahead
+                        self._inbox
+                        or self._rows
+                        or self._forget
+                        or self._closing
+                        or self._ahead
+                        or self._saving  # to land in the store (waited for below)
                     ):
                         # Idle: wake when the next cache is due to expire.
                         due = self.store.expire()
                         metrics.KV_CACHE_BYTES.set(self.store.nbytes)
                         self._wake.wait(due)
-                    if self._closing and not self._rows and not self._inbox:
-                        return
+                    done = self._closing and not self._rows and not self._inbox
                     wanted = {row.key for row in self._inbox}
                     crowded = len(self._inbox) + len(self._rows) > self.max_rows
+                if done:
+                    self._settle(wait=True)
+                    self._saver.shutdown(wait=False)
+                    return
                 # Retire first: the places (and the caches) of rows whose readers went
                 # away are free for this step's arrivals, a conversation's next
                 # message among them. Reading ahead gives way to any message.
@@ -254,12 +277,17 @@ class Scheduler:
                         or (r.background and (crowded or r.key in wanted))
                     ]
                 )
+                # Copies done land in the store; with no row to step, nothing is
+                # held up by waiting for the rest.
+                self._settle(wait=not self._rows)
                 with self._wake:
                     # After the retirements: a stopped row's cache must not come back.
                     forgotten = set(self._forget)
-                    while self._forget:
-                        self.store.forget(self._forget.popleft())
-                    self.store.expire()
+                    self._forget.clear()
+                for key in forgotten:
+                    self._settle(key=key)  # a copy still on its way goes too
+                    self.store.forget(key)
+                self.store.expire()
                 for row in [r for r in self._rows if r.key in forgotten]:
                     if row.background:
                         self._end(row, None, LookupError("forgotten"))  # its cache goes too
@@ -267,7 +295,8 @@ class Scheduler:
                         row.key = ""
                 with self._wake:
                     metrics.KV_CACHE_BYTES.set(self.store.nbytes)
-                    while self._inbox and len(self._rows) + len(arrivals) < self.max_rows:
+                    held = len(self._rows) + len(self._saving)
+                    while self._inbox and held + len(arrivals) < self.max_rows:
                         arrivals.append(self._inbox.popleft())
                     ahead = self._next_ahead(len(arrivals))
                 for row in arrivals:
@@ -310,13 +339,16 @@ class Scheduler:
     def _next_ahead(self, arriving: int) -> Row | None:
         """A conversation's next prompt to read ahead, when nothing live waits and a
         place is free (one at a time); with the lock held."""
-        if self._closing or self._inbox or arriving or len(self._rows) >= self.max_rows:
+        if self._closing or self._inbox or arriving:
+            return None
+        if len(self._rows) + len(self._saving) >= self.max_rows:
             return None
         if any(row.background for row in self._rows):
             return None
         running = {row.key for row in self._rows}
-        while self._ahead:
-            key = next(iter(self._ahead))
+        # A conversation whose last turn's cache is still being copied comes next time.
+        copying = {saving.key for saving in self._saving}
+        for key in [key for key in self._ahead if key not in copying]:
             ids = self._ahead.pop(key)
             if key in running:  # a new message of it is being answered: out of date
                 continue
@@ -327,6 +359,10 @@ class Scheduler:
         return None
 
     def _admit(self, row: Row) -> None:
+        if row.key:
+            self._settle(key=row.key)  # its previous turn's cache, if still being copied
+        if not self._free:
+            self._settle(wait=True)  # every free place is still being copied from
         row.slot = heapq.heappop(self._free)  # the lowest free slot: attention stays narrow
         row.admitted = self.steps
         row.tokens = list(row.prompt)
@@ -377,14 +413,23 @@ class Scheduler:
                 r.admitted,
             ),
         )
+        starting = False  # a prompt ends this step: a reply's first token is due
         for row in reading:
             if budget <= 0:
                 break
-            count = min(len(row.tokens) - row.filled, budget)
+            left = len(row.tokens) - row.filled
+            if starting and left > budget:
+                # A step that starts someone's reply takes no part of a prompt ranked
+                # after it (that one's first token is further off): the reply starts
+                # as soon as it would alone. The ranking still ages, so a long prompt
+                # comes first within a bounded number of steps.
+                continue
+            count = min(left, budget)
             plan.append((row, count))
             budget -= count
+            starting = starting or count == left
         for row in self._rows:
-            if row.background and budget > 0:
+            if row.background and budget > 0 and not starting:
                 # Reading ahead takes what is left, and little of it while others write.
                 share = min(budget, self.step_tokens // 4) if live else budget
                 count = min(len(row.tokens) - row.filled, share)
@@ -498,27 +543,47 @@ class Scheduler:
                 log.exception("Could not hand a reply over")
 
     def _release(self, row: Row, keep: bool) -> None:
-        """Keep the row's cache for its conversation's next turn and free its slot."""
-        if keep and self.store.budget > 0:
-            try:
-                self._keep(row)
-            except Exception:  # e.g. out of memory for the copy: the cache just goes
-                log.exception("Could not keep a conversation's model cache")
-        # The slot is free for the next row; the others stay where they are (moving
-        # one into the gap copied its whole cache, on this thread, at every row's end).
+        """Free the row's slot, once its cache is copied out for its conversation's
+        next turn (on the saver thread: `_settle` puts it in the store)."""
+        # The others stay where they are (moving one into the gap copied its whole
+        # cache, on this thread, at every row's end).
         self._rows.remove(row)
-        heapq.heappush(self._free, row.slot)
+        kept = self._kept(row) if keep and self.store.budget > 0 else []
+        if not kept:
+            heapq.heappush(self._free, row.slot)
+            return
+        copied = self._saver.submit(self._copy, row.slot, kept)
+        self._saving.append(_Saving(row.slot, row.key, copied))
 
-    def _keep(self, row: Row) -> None:
-        """The row's cache in the store: its conversation's, and its system prompt's
-        opening for every new conversation (both within KV_CACHE_MB)."""
+    def _kept(self, row: Row) -> list[tuple[str, list[int]]]:
+        """What of the row's cache the store keeps (both within KV_CACHE_MB): its
+        conversation's, and its system prompt's opening for every new conversation."""
+        kept = []
         if row.share and row.filled >= row.shared:
             opening = row.tokens[: row.shared]
-            kv = self._pool.save(row.slot, row.shared)
-            self.store.put(_opening_key(opening), Prefix(opening, kv))
+            kept.append((_opening_key(opening), opening))
         if row.key and row.filled > 0:
-            kv = self._pool.save(row.slot, row.filled)
-            self.store.put(row.key, Prefix(row.tokens[: row.filled], kv))
+            kept.append((row.key, row.tokens[: row.filled]))
+        return kept
+
+    def _copy(self, slot: int, kept: list[tuple[str, list[int]]]) -> list[tuple[str, Prefix]]:
+        """On the saver thread: the slot's positions for each kept prefix, copied (the
+        worker meanwhile steps the other slots, and no row takes this one)."""
+        return [(key, Prefix(ids, self._pool.save(slot, len(ids)))) for key, ids in kept]
+
+    def _settle(self, wait: bool = False, key: str | None = None) -> None:
+        """Put the caches copied out into the store and free their slots: those done,
+        all of them (`wait`), or `key`'s waited for (a turn about to use it, a forget)."""
+        for saving in list(self._saving):
+            if not (wait or saving.key == key or saving.copied.done()):
+                continue
+            self._saving.remove(saving)
+            try:
+                for entry_key, prefix in saving.copied.result():
+                    self.store.put(entry_key, prefix)
+            except Exception:  # e.g. out of memory for the copy: the cache just goes
+                log.exception("Could not keep a conversation's model cache")
+            heapq.heappush(self._free, saving.slot)
 
 
 def _opening_key(ids: list[int]) -> str:
