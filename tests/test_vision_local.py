@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import threading
 from pathlib import Path
 from typing import Any, cast
@@ -40,8 +41,11 @@ from bot.messages import ConversationKey, Message, Turn
 from bot.store.memory import InProcessMemory
 from tests.conftest import RedisServer, bot_env, make_settings, run_bot
 from tests.fake_discord import BOT_ID, GENERAL
+from tests.fake_slack import BOT_USER
+from tests.fake_slack import CHANNEL as SLACK_CHANNEL
 from tests.test_discord import Factory, _attachment
 from tests.test_images import picture
+from tests.test_slack import Factory as SlackFactory
 
 pytestmark = pytest.mark.model
 
@@ -481,6 +485,34 @@ async def test_a_png_in_discord_reaches_the_local_vision_model(
     assert posted
     asked, _ = await bot.engine.memory.history(ConversationKey("discord", str(GENERAL)))
     assert asked.content == "[image: screenshot.png]\n\nwhat went wrong here?"
+    transcript("Discord: a PNG attached, a mention", shown, posted)
+
+
+async def test_a_file_shared_in_slack_reaches_the_local_vision_model(
+    slack_bot: SlackFactory, vlm: LoadedModel, spy: GenerateSpy
+) -> None:
+    bot = await slack_bot(backend=LocalBackend(vision(vlm)))
+    shot = bot.fake.share("screenshot.png", picture("PNG", size=(80, 60)), "image/png")
+    await bot.send("app_mention", text=f"<@{BOT_USER}> what went wrong here?", files=[shot])
+    await bot.posts()
+    await bot.settle()
+    (call,) = spy.calls
+    assert call["pixel_values"].shape == (1, 5, 3, 32, 32)
+    shown = seen(vlm, call)
+    assert "<fake_token_around_image>[image: screenshot.png]\n\nwhat went wrong here?" in shown
+    (posted,) = bot.fake.final_texts(SLACK_CHANNEL)
+    assert posted
+    transcript("Slack: a file shared, a mention", shown, posted)
+
+
+def transcript(title: str, shown: str, posted: str) -> None:
+    """With VISION_TRANSCRIPTS=<file>, append the prompt as the model saw it and the
+    reply as posted (for the issue's closing note). Otherwise nothing."""
+    target = os.environ.get("VISION_TRANSCRIPTS")
+    if target:
+        with Path(target).open("a", encoding="utf-8") as out:
+            out.write(f"=== {title} ===\n--- prompt as the model saw it ---\n{shown}\n")
+            out.write(f"--- reply as posted ---\n{posted}\n\n")
 
 
 async def test_a_llava_style_model_the_same_way(
