@@ -13,7 +13,7 @@ from bot.engine import Engine
 from bot.inference.generation import Generator
 from bot.inference.loader import LoadedModel, load_model
 from bot.inference.local import LocalBackend, ModelRunner
-from bot.settings import Settings
+from bot.settings import ConfigError, Settings
 from bot.store.memory import open_memory
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,12 @@ def runner(loaded: LoadedModel, settings: Settings) -> ModelRunner:
     (bot.inference.vision), else the text models' Generator."""
     if loaded.takes_images:
         from bot.inference.vision import VisionGenerator
+
+        if settings.dtype == "int8":  # int8 weights exist only in the text models' path
+            raise ConfigError(
+                "Invalid configuration: DTYPE: int8 is for text models; this MODEL takes "
+                "images (use auto, bf16 or fp32)"
+            )
 
         log.info("Images in messages reach the model (%s)", loaded.name)
         return VisionGenerator.from_settings(loaded, settings)

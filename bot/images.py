@@ -30,6 +30,9 @@ IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "jpe", "webp", "gif"})
 # Other pictures: recognised as images (a note says which kinds are read), never decoded.
 OTHER_IMAGE_EXTENSIONS = frozenset({"bmp", "tif", "tiff", "heic", "heif", "avif", "ico", "jxl"})
 JPEG_QUALITY = 90
+# The longest an image may be against its width (or the other way round) as it reaches
+# a model: a long screenshot (1080 x 8000) is within it; a thin strip gets white bands.
+MAX_ASPECT = 8
 
 
 class ImageError(ValueError):
@@ -119,6 +122,7 @@ def decode_image(
             raise
         raise ImageError(f"broken image ({type(exc).__name__})") from exc
     rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    rgb = _letterbox(rgb)
     out = io.BytesIO()
     if source == "JPEG":
         rgb.save(out, "JPEG", quality=JPEG_QUALITY)
@@ -127,6 +131,21 @@ def decode_image(
         rgb.save(out, "PNG", optimize=False)
         mime = "image/png"
     return ImageInput(name, out.getvalue(), mime, rgb.width, rgb.height)
+
+
+def _letterbox(image: Image.Image) -> Image.Image:
+    """An image longer than `MAX_ASPECT` times its width (or the other way round) on a
+    white band that brings it to that ratio: processors scale the short side up to
+    their size (a 1 x 1536 strip became 336 x 516,096 pixels, seconds of work and GBs),
+    and some refuse such ratios outright."""
+    width, height = image.size
+    short = -(-max(width, height) // MAX_ASPECT)  # ceiling
+    if min(width, height) >= short:
+        return image
+    size = (short, height) if width < height else (width, short)
+    band = Image.new("RGB", size, (255, 255, 255))
+    band.paste(image, ((size[0] - width) // 2, (size[1] - height) // 2))
+    return band
 
 
 def _rgb(image: Image.Image) -> Image.Image:

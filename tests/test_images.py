@@ -82,6 +82,20 @@ def test_a_big_picture_is_scaled_down_within_the_bound() -> None:
     assert base64.b64decode(image.data_url().split(",", 1)[1]) == image.data
 
 
+@pytest.mark.parametrize(("size", "expected"), [((1, 1536), (192, 1536)), ((900, 2), (900, 113))])
+def test_a_thin_strip_reaches_the_model_on_white_bands(
+    size: tuple[int, int], expected: tuple[int, int]
+) -> None:
+    """A 93-byte 1 x 1536 PNG would be scaled up by a processor to hundreds of
+    thousands of pixels along its length: it goes on white bands, at most 8:1."""
+    image = decode_image("strip.png", picture("PNG", size=size))
+    assert (image.width, image.height) == expected
+    with Image.open(io.BytesIO(image.data)) as shown:
+        assert shown.getpixel((0, 0)) == (255, 255, 255)
+    long_shot = decode_image("chat.png", picture("PNG", size=(180, 1400)))
+    assert (long_shot.width, long_shot.height) == (180, 1400)  # within 8:1: as it was
+
+
 def test_a_decompression_bomb_is_refused_from_its_header() -> None:
     bomb = png_declaring(50_000, 50_000)
     assert len(bomb) < 200

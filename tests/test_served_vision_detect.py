@@ -229,13 +229,24 @@ async def test_a_failing_question_means_no_images_and_no_crash(
     await engine.close()
 
 
+@pytest.mark.parametrize("failure", ["503", "500", "429", "one times out"])
 async def test_a_server_not_answering_yet_is_asked_again_later(
-    server: SayingServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    server: SayingServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failure: str,
 ) -> None:
-    # Started before its server (llama.cpp answers 503 while it loads the model).
+    # Started before its server (llama.cpp answers 503 while it loads the model), or
+    # while it fails or is overloaded, or slow on the one question it knows.
     caplog.set_level(logging.DEBUG)
+    monkeypatch.setattr(served, "VISION_QUESTION_SECONDS", 0.2)
     for question in ASKED_ALL:
-        server.answers[question] = says({"error": {"message": "Loading model"}}, status=503)
+        if failure == "one times out":
+            if question == "GET /props":
+                server.answers[question] = _hangs
+        else:
+            error = {"error": {"message": "Loading model"}}
+            server.answers[question] = says(error, status=int(failure))
     backend = auto_backend(server)
     await until(lambda: len(server.asked) == len(ASKED_ALL), within=5)
     await until(lambda: backend._asking is not None and backend._asking.done(), within=5)
@@ -252,6 +263,27 @@ async def test_a_server_not_answering_yet_is_asked_again_later(
     lines = vision_lines(caplog)
     assert len(lines) == 2 and "did not answer" in lines[0] and "takes images" in lines[1]
     await engine.close()
+
+
+async def test_a_redirect_is_not_followed_nor_believed(server: SayingServer) -> None:
+    """The configured server decides alone: a question it redirects elsewhere (where
+    another server would say yes) is no answer from it, and the other is never asked."""
+    elsewhere = SayingServer()
+    elsewhere.answers["GET /props"] = says({"modalities": {"vision": True}})
+    await elsewhere.start()
+    try:
+
+        async def away(request: web.Request) -> web.StreamResponse:
+            raise web.HTTPTemporaryRedirect(f"{server_root(elsewhere.url)}/props")
+
+        server.answers["GET /props"] = away
+        backend = auto_backend(server)
+        await until(lambda: backend._asking is not None and backend._asking.done(), within=5)
+        assert backend.vision is False and not backend.takes_images
+        assert elsewhere.asked == []
+        await backend.close()
+    finally:
+        await elsewhere.stop()
 
 
 async def test_a_server_that_cannot_be_reached_is_no_crash(

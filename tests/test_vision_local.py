@@ -38,6 +38,7 @@ from bot.inference.loader import LoadedModel, load_model, vision_model
 from bot.inference.local import LocalBackend
 from bot.inference.vision import VisionGenerator
 from bot.messages import ConversationKey, Message, Turn
+from bot.settings import ConfigError
 from bot.store.memory import InProcessMemory
 from tests.conftest import RedisServer, bot_env, make_settings, run_bot
 from tests.fake_discord import BOT_ID, GENERAL
@@ -572,3 +573,10 @@ async def test_an_unreadable_image_is_the_apology_and_nothing_is_stored(vlm: Loa
     assert not answer.ok
     assert await memory.history(CONV) == []
     await engine.close()
+
+
+def test_int8_is_refused_for_a_vision_model(vlm: LoadedModel) -> None:
+    """DTYPE=int8 quantizes only the text models' lean forward: a vision model would
+    quietly run in bf16, so the start stops and says why."""
+    with pytest.raises(ConfigError, match="DTYPE: int8 is for text models"):
+        runner(vlm, make_settings(dtype="int8"))

@@ -90,7 +90,8 @@ def _check(model: Any, int8: bool = False) -> None:
     if int8:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        # The kernel reads its inputs in blocks of 16 (other widths crash torch 2.13).
+        # The kernel reads its inputs in blocks of 16: other input widths give wrong
+        # results or crash torch 2.13.
         widths = (config.hidden_size, config.intermediate_size, heads * head_dim)
         if any(width % 16 for width in widths):
             raise Unsupported(f"int8 weights need layer widths in multiples of 16, not {widths}")

@@ -170,6 +170,14 @@ class Generator:
                     "Invalid configuration: DTYPE: int8 needs a Llama-family decoder "
                     f"through the lean forward, on a CPU ({reason})"
                 )
+            # Quantized now (~1 s), not on the worker before the first step: a failure
+            # stops the start instead of leaving the model quietly in bf16.
+            try:
+                built = fast_forward(loaded.model, int8=True)
+            except (RuntimeError, MemoryError) as exc:
+                raise ConfigError(f"DTYPE=int8: could not quantize the model ({exc})") from None
+            if built is None:
+                raise ConfigError("Invalid configuration: DTYPE: int8 is not possible here")
         if not loaded.is_encoder_decoder and not unsupported:
             self.scheduler = self._scheduler(
                 window, max_new, options, max_rows, chunk_tokens, cache_bytes

@@ -547,13 +547,15 @@ class Scheduler:
         next turn (on the saver thread: `_settle` puts it in the store)."""
         # The others stay where they are (moving one into the gap copied its whole
         # cache, on this thread, at every row's end).
-        self._rows.remove(row)
         kept = self._kept(row) if keep and self.store.budget > 0 else []
-        if not kept:
+        if kept:
+            copied = self._saver.submit(self._copy, row.slot, kept)
+            # Listed before the row leaves, so `idle` (read from other threads) never
+            # finds the row in neither list.
+            self._saving.append(_Saving(row.slot, row.key, copied))
+        else:
             heapq.heappush(self._free, row.slot)
-            return
-        copied = self._saver.submit(self._copy, row.slot, kept)
-        self._saving.append(_Saving(row.slot, row.key, copied))
+        self._rows.remove(row)
 
     def _kept(self, row: Row) -> list[tuple[str, list[int]]]:
         """What of the row's cache the store keeps (both within KV_CACHE_MB): its
@@ -577,13 +579,13 @@ class Scheduler:
         for saving in list(self._saving):
             if not (wait or saving.key == key or saving.copied.done()):
                 continue
-            self._saving.remove(saving)
             try:
                 for entry_key, prefix in saving.copied.result():
                     self.store.put(entry_key, prefix)
             except Exception:  # e.g. out of memory for the copy: the cache just goes
                 log.exception("Could not keep a conversation's model cache")
             heapq.heappush(self._free, saving.slot)
+            self._saving.remove(saving)  # only now: `idle` waits for the cache to land
 
 
 def _opening_key(ids: list[int]) -> str:

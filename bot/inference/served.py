@@ -247,6 +247,7 @@ class OpenAIBackend(Backend):
         self.vision: bool | None = wanted if isinstance(wanted, bool) else None
         self._images_refused = False  # the server said it takes none: for the process
         self._asking: asyncio.Task[None] | None = None
+        self._closed = False
         self._ask_again_at = 0.0  # loop time: a server not asked yet, or not answering
         self._asked_once = False
         self._ask_vision()  # at start, when there is a loop; else at the first message
@@ -545,7 +546,7 @@ class OpenAIBackend(Backend):
         """The question whether the served model takes images (OPENAI_VISION=auto), in
         the background: started unless answered, under way (returned), asked within
         VISION_ASK_AGAIN_SECONDS, or there is no event loop yet."""
-        if self.vision is not None:
+        if self.vision is not None or self._closed:
             return None
         if self._asking is not None and not self._asking.done():
             return self._asking
@@ -619,17 +620,23 @@ class OpenAIBackend(Backend):
             said = read(data, self.model) if data is not None else None
             if said is not None:
                 return said, source, True
-        return None, "", any(answered for _, answered in answers)
+        # Only a server that answered every question and said nothing has no say: one
+        # that timed out or failed on any of them (the one it knows, perhaps) is asked
+        # again later.
+        return None, "", all(answered for _, answered in answers)
 
     async def _ask(self, method: str, url: str, body: dict[str, Any] | None) -> tuple[Any, bool]:
         """The server's JSON answer at `url` (None: an error status, or not JSON), and
-        whether it answered: a refused connection, a timeout and 502-504 (a server or
-        its proxy not ready yet, llama.cpp loading the model) are no answer."""
+        whether it answered: a refused connection, a timeout, a 5xx or a 429 (a server
+        or its proxy not ready yet, llama.cpp loading the model) are no answer."""
         limit = aiohttp.ClientTimeout(total=min(VISION_QUESTION_SECONDS, self.first_token_timeout))
         try:
-            async with self._client().request(method, url, json=body, timeout=limit) as response:
-                if response.status in (502, 503, 504):
-                    return None, False
+            # No redirects: whatever another host says must not decide (nor be asked).
+            async with self._client().request(
+                method, url, json=body, timeout=limit, allow_redirects=False
+            ) as response:
+                if response.status >= 500 or response.status == 429:
+                    return None, False  # not ready, overloaded, failing: ask again later
                 if response.status >= 300:
                     return None, True
                 data = bytearray()
@@ -647,6 +654,7 @@ class OpenAIBackend(Backend):
             return None, True
 
     async def close(self) -> None:
+        self._closed = True  # no question after this (it would open a new session)
         if self._asking is not None and not self._asking.done():
             self._asking.cancel()
             await asyncio.gather(self._asking, return_exceptions=True)
