@@ -232,6 +232,12 @@ class Settings(BaseSettings):
     def _backend(self) -> Settings:
         if self.model_backend == "openai" and not self.openai_base_url:
             raise ValueError("OPENAI_BASE_URL is needed with MODEL_BACKEND=openai")
+        # Said before any model loads (minutes for a hub model): int8 weights exist only
+        # in the local model's lean forward.
+        if self.dtype == "int8" and not self.fast_decode:
+            raise ValueError("DTYPE: int8 needs FAST_DECODE=true (the lean forward)")
+        if self.dtype == "int8" and self.model_backend == "openai":
+            raise ValueError("DTYPE: int8 is for the local model, not MODEL_BACKEND=openai")
         return self
 
     @model_validator(mode="after")

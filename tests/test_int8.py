@@ -5,6 +5,7 @@ exactly it; batch invariant like bf16; refused at start-up where it cannot run."
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -13,14 +14,14 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from bot.engine import Engine
 from bot.inference.fastpath import Int8Weight, fast_forward, quantize, unsupported
-from bot.inference.generation import Generator
+from bot.inference.generation import GenerationOptions, Generator
 from bot.inference.kvcache import ModelShape, RaggedStep, SlotPool, install
 from bot.inference.loader import LoadedModel, load_model
 from bot.inference.local import LocalBackend
 from bot.messages import ConversationKey, Message
 from bot.settings import ConfigError
 from bot.store.memory import InProcessMemory
-from tests.conftest import greedy, make_settings
+from tests.conftest import bot_env, greedy, make_settings, run_bot
 
 
 def test_quantized_products_are_close_to_bf16() -> None:
@@ -96,10 +97,33 @@ def msg(text: str, channel: str) -> Message:
 
 
 @pytest.mark.model
-def test_the_bundled_model_loads_in_bf16_for_int8(int8: LoadedModel) -> None:
+def test_the_bundled_model_loads_in_bf16_for_int8(
+    int8: LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
     assert int8.model.dtype == torch.bfloat16
     with pytest.raises(ConfigError, match=r"DTYPE: int8.*FAST_DECODE=false"):
-        Generator.from_settings(int8, make_settings(dtype="int8", fast_decode=False))
+        Generator(int8, GenerationOptions(24, 0.0, 1.0, 1.0), "", fast_decode=False, int8=True)
+    caplog.set_level(logging.INFO)
+    Generator.from_settings(int8, make_settings(dtype="int8"))  # quantized at start
+    assert any("int8 weights ready" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("values", "said"),
+    [
+        ({"FAST_DECODE": "false"}, "DTYPE: int8 needs FAST_DECODE=true"),
+        (
+            {"MODEL_BACKEND": "openai", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"},
+            "DTYPE: int8 is for the local model",
+        ),
+    ],
+)
+def test_int8_settings_that_cannot_work_stop_before_any_model_loads(
+    values: dict[str, str], said: str
+) -> None:
+    result = run_bot("console", env=bot_env(DTYPE="int8", **values))
+    assert result.returncode == 2
+    assert said in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.model

@@ -580,3 +580,18 @@ def test_int8_is_refused_for_a_vision_model(vlm: LoadedModel) -> None:
     quietly run in bf16, so the start stops and says why."""
     with pytest.raises(ConfigError, match="DTYPE: int8 is for text models"):
         runner(vlm, make_settings(dtype="int8"))
+
+
+def test_a_processor_needing_a_missing_package_stops_the_start_cleanly(
+    tiny_vlm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Qwen2-VL's processor without torchvision (SmolVLM2's without num2words) raises
+    ImportError inside transformers: the start stops with one line, not a traceback."""
+    import transformers
+
+    def needs(*_: Any, **__: Any) -> Any:
+        raise ImportError("Qwen2VLVideoProcessor requires the Torchvision library")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", needs)
+    with pytest.raises(ConfigError, match=r"needs a package that is not installed.*Torchvision"):
+        load_model(make_settings(model=str(tiny_vlm)))

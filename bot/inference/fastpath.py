@@ -277,6 +277,7 @@ class FastForward:
         self.linear: Linear = _plain
         self.head_linear: Linear = _plain
         self.int8 = int8
+        self.int8_bytes = 0  # the int8 weights' size (DTYPE=int8)
         if int8:
             self._quantize()
             self.packed = False
@@ -292,6 +293,11 @@ class FastForward:
                 quantize(w) for w in (layer.qkv, layer.o, layer.gate_up, layer.down)
             )
         self.linear = _int8
+        self.int8_bytes = sum(
+            w.values.numel() + w.scales.numel() * w.scales.element_size()
+            for layer in self.layers
+            for w in (layer.qkv, layer.o, layer.gate_up, layer.down)
+        )
         if _can_pack(self.model):
             with contextlib.suppress(RuntimeError):  # this oneDNN cannot: plain stays
                 self.head, self.head_linear = _pack(self.head), _packed

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -172,12 +173,18 @@ class Generator:
                 )
             # Quantized now (~1 s), not on the worker before the first step: a failure
             # stops the start instead of leaving the model quietly in bf16.
+            began = time.perf_counter()
             try:
                 built = fast_forward(loaded.model, int8=True)
             except (RuntimeError, MemoryError) as exc:
                 raise ConfigError(f"DTYPE=int8: could not quantize the model ({exc})") from None
             if built is None:
                 raise ConfigError("Invalid configuration: DTYPE: int8 is not possible here")
+            log.info(
+                "int8 weights ready in %.1f s (%d MB, beside the bf16 ones)",
+                time.perf_counter() - began,
+                built.int8_bytes >> 20,
+            )
         if not loaded.is_encoder_decoder and not unsupported:
             self.scheduler = self._scheduler(
                 window, max_new, options, max_rows, chunk_tokens, cache_bytes

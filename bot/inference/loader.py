@@ -95,6 +95,8 @@ def resolve_device(setting: str) -> torch.device:
 
 def resolve_dtype(setting: str, device: torch.device) -> tuple[torch.dtype, str]:
     """The dtype to run in, and why (for the start-up log line)."""
+    if setting == "int8":
+        return _DTYPES[setting], "DTYPE=int8: int8 weights, bf16 activations"
     if setting != "auto":
         return _DTYPES[setting], "DTYPE"
     if device.type == "cuda":
@@ -362,6 +364,10 @@ def load_model(settings: Settings) -> LoadedModel:
                 model = model.to(device)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"Cannot load MODEL={name}: {exc}") from None
+        except ImportError as exc:  # e.g. a processor that needs torchvision or num2words
+            raise ConfigError(
+                f"Cannot load MODEL={name}: it needs a package that is not installed ({exc})"
+            ) from None
     finally:
         if progress is not None:
             progress.close()
