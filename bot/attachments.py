@@ -177,7 +177,11 @@ async def read_files(
     names = tuple(display_name(r) for r in pictures)
     if max_bytes <= 0 and images is None:
         return ReadFiles(notes=(NOT_READING,), image_names=names)
-    binary = [display_name(r) for r in refs if r not in texts and r not in pictures]
+    binary = [
+        display_name(r)
+        for r in refs
+        if not is_text(r) and not looks_like_image(r.content_type, r.name)
+    ]
     not_read: list[str] = []  # text files, with ATTACHMENT_MAX_BYTES=0
     if max_bytes <= 0:
         not_read, texts = [display_name(r) for r in texts], []

@@ -17,6 +17,7 @@ import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from datetime import datetime
 
 from bot import metrics
 from bot.attachments import prompt_text
@@ -262,8 +263,10 @@ class Engine:
 
     async def usage(self, platform: str, user_id: str) -> Usage:
         """What the person has used today, against their allowance."""
-        day, resets_at = today()
-        used, _ = await self.memory.usage_of(platform, user_id, day)
+        return await self._usage(platform, user_id, *today())
+
+    async def _usage(self, platform: str, user_id: str, day: str, resets_at: datetime) -> Usage:
+        used = await self.memory.usage_of(platform, user_id, day)
         return Usage(used, self.daily_tokens, resets_at)
 
     async def reset(self, conversation: ConversationKey) -> None:
@@ -389,10 +392,11 @@ class Engine:
         if not self.daily_tokens:
             return None
         try:
-            usage = await self.usage(platform, user_id)
+            day, resets_at = today()
+            usage = await self._usage(platform, user_id, day, resets_at)
             if not usage.exhausted:
                 return None
-            told = not await self.memory.claim_usage_note(platform, user_id, today()[0])
+            told = not await self.memory.claim_usage_note(platform, user_id, day)
         except REDIS_ERRORS:
             return None
         metrics.LIMITED.labels(platform).inc()
@@ -463,17 +467,11 @@ class Engine:
                 )
                 turns = [asked, Turn("assistant", answer)]
                 if await self.memory.append(conversation, turns, present=authors(history)):
-                    written.kept = True
-                    # While the person reads and types: the next turn's prompt prepared
-                    # (its history as memory keeps it), so it reads only its new text.
                     kept = from_first_user_turn([*history, *turns][-self.memory.max_turns :])
-                    kept_shown, following = self._labelled(message, kept, name)
-                    self.backend.warm(str(conversation), kept_shown, persona, following)
+                    self._stored(out, message, kept, name, persona)
                 else:
                     # Not kept (forgotten meanwhile, the store away): nor is its cache.
                     self.backend.forget(str(conversation))
-            if written.kept and out.reply is not None:
-                out.reply = dataclasses.replace(out.reply, kept=True)
             latency = time.perf_counter() - started
             log.info(
                 "Replied in %s to message %s in %.2f s%s",
@@ -556,6 +554,17 @@ class Engine:
         except REDIS_ERRORS:
             log.warning("Could not count %d tokens for a %s user", tokens, platform)
 
+    def _stored(
+        self, out: _Outcome, message: Message, kept: list[Turn], name: str, persona: str | None
+    ) -> None:
+        """A reply now in memory (`kept`: the history as memory keeps it): the reply
+        says so, and while the person reads and types the next turn's prompt is
+        prepared, so that turn reads only its new text."""
+        if out.reply is not None:
+            out.reply = dataclasses.replace(out.reply, kept=True)
+        kept_shown, following = self._labelled(message, kept, name)
+        self.backend.warm(str(message.conversation), kept_shown, persona, following)
+
     async def _regenerate(
         self, placeholder: Message, asker_id: str, out: _Outcome
     ) -> AsyncGenerator[str, None]:
@@ -602,11 +611,8 @@ class Engine:
                 except REDIS_ERRORS:
                     stored = False
                 if stored:
-                    if out.reply is not None:
-                        out.reply = dataclasses.replace(out.reply, kept=True)
                     kept = [*earlier, asked, replaced]
-                    kept_shown, following = self._labelled(message, kept, asked.author_name)
-                    self.backend.warm(str(conversation), kept_shown, persona, following)
+                    self._stored(out, message, kept, asked.author_name, persona)
                 else:
                     log.warning("The regenerated reply in %s was not stored", conversation)
 
@@ -621,4 +627,3 @@ class _Written:
     answer: str = ""
     stopped: bool = False
     failed: bool = False
-    kept: bool = False  # stored in memory

@@ -113,13 +113,13 @@ def decode_image(
             image.seek(0)  # a gif's first frame
             image.draft("RGB", (max_side, max_side))  # jpeg: decode at a reduced scale
             rgb = _rgb(image)
+    except ImageError:
+        raise
     except Image.DecompressionBombError as exc:  # Pillow's own guard
         raise ImageError(str(exc), bomb=True) from exc
     except UnidentifiedImageError as exc:
         raise ImageError("not a png, jpeg, webp or gif image") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        if isinstance(exc, ImageError):
-            raise
         raise ImageError(f"broken image ({type(exc).__name__})") from exc
     rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     rgb = _letterbox(rgb)

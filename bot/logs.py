@@ -39,16 +39,13 @@ class RedactingFormatter(logging.Formatter):
 
     def __init__(self, fmt: str, secrets: Iterable[str]) -> None:
         super().__init__(fmt)
-        # Longest first, so a secret that contains another is replaced whole.
-        self._secrets = sorted(
-            {s for s in secrets if len(s) >= MIN_SECRET_CHARS}, key=len, reverse=True
-        )
+        self._secrets = _ordered(secrets)  # once, not at every line
 
     def format(self, record: logging.LogRecord) -> str:
         return self.redact(super().format(record))
 
     def redact(self, text: str) -> str:
-        return redact(text, self._secrets)
+        return _redact(text, self._secrets)
 
 
 class JsonFormatter(RedactingFormatter):
@@ -71,16 +68,25 @@ class JsonFormatter(RedactingFormatter):
             entry["traceback"] = self.formatException(record.exc_info)
         # Each field before encoding too: JSON escapes a secret with a quote, a backslash
         # or a control character into text that no longer matches it.
-        entry = {k: redact(v, self._secrets) if isinstance(v, str) else v for k, v in entry.items()}
-        return redact(json.dumps(entry, ensure_ascii=False), self._secrets)
+        entry = {k: self.redact(v) if isinstance(v, str) else v for k, v in entry.items()}
+        return self.redact(json.dumps(entry, ensure_ascii=False))
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
     """`text` with every URL's secret parts masked (`mask_url`: its password, credential
     query values; host, port and path stay readable) and every secret replaced by ***,
     the longest first (so a secret that contains another is replaced whole)."""
+    return _redact(text, _ordered(secrets))
+
+
+def _ordered(secrets: Iterable[str]) -> list[str]:
+    """The secrets long enough to mask, longest first."""
+    return sorted({s for s in secrets if len(s) >= MIN_SECRET_CHARS}, key=len, reverse=True)
+
+
+def _redact(text: str, ordered: list[str]) -> str:
     text = _URL.sub(_mask_url_in_text, text)
-    for secret in sorted({s for s in secrets if len(s) >= MIN_SECRET_CHARS}, key=len, reverse=True):
+    for secret in ordered:
         text = text.replace(secret, "***")
     return text
 

@@ -100,6 +100,11 @@ async def play(stream: ReplyStream, reply: GrowingReply[H]) -> str:
                 await reply.show(text)
     finally:
         await stream.aclose()
-    final = stream.reply.text if stream.reply else text
+    outcome = stream.reply
+    final = outcome.text if outcome else text
+    if outcome is not None and (outcome.refused or outcome.silent):
+        # Nothing for the conversation: a silent reply posts nothing, and a refusal
+        # (a Regenerate too late, or not theirs) goes to the presser alone.
+        return final
     await reply.show(final, final=True)
     return final

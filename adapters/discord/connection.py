@@ -49,6 +49,7 @@ class DiscordAdapter(MessageEvents, SlashCommands):
         self.attachment_max_bytes = settings.attachment_max_bytes
         self.attachment_seconds = settings.attachment_timeout_seconds
         self.image_limits = ImageLimits.of(settings)
+        self._downloads: aiohttp.ClientSession | None = None  # at the first download
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enable it in the Developer Portal
         if settings.discord_shard_count:
@@ -126,6 +127,8 @@ class DiscordAdapter(MessageEvents, SlashCommands):
                 return
             await self._inflight.drain()
             await self.client.close()
+            if self._downloads is not None:
+                await self._downloads.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await connection
 

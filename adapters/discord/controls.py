@@ -121,23 +121,14 @@ class ReplyControls(DiscordContext):
     def _growing(
         self,
         channel: discord.abc.Messageable,
-        stream: ReplyStream,
         first: Callable[[str], Awaitable[Handle]] | None = None,
         views: dict[int, discord.ui.View | None] | None = None,
     ) -> GrowingReply[Handle]:
-        """The messages that show `stream`: `first` posts the first part (else it is
+        """The messages that show a reply: `first` posts the first part (else it is
         sent to `channel`, as the others are); `views`: buttons to set on a message
-        with its next edit (None: none). A silent reply posts nothing; a refused
-        Regenerate changes nothing."""
+        with its next edit (None: none). (A silent or refused reply is never shown:
+        `bot.streaming.play`.)"""
         pending = views if views is not None else {}
-
-        def render(text: str) -> list[str]:
-            outcome = stream.reply
-            if outcome is not None and outcome.silent:
-                return []
-            if outcome is not None and outcome.refused:
-                return list(growing.shown)
-            return reply_parts(text)
 
         async def post(index: int, part: str) -> Handle:
             if index == 0 and first is not None:
@@ -155,10 +146,9 @@ class ReplyControls(DiscordContext):
 
         # Paced per channel: Discord rate-limits edits per channel, and one global
         # timer would slow every channel down to the busiest one.
-        growing = GrowingReply(
-            render, post, edit, self.pacer, lambda m: m.channel.id, retract=retract
+        return GrowingReply(
+            reply_parts, post, edit, self.pacer, lambda m: m.channel.id, retract=retract
         )
-        return growing
 
     async def _play(
         self,
@@ -252,7 +242,7 @@ class ReplyControls(DiscordContext):
         # The buttons change with the first edit (none for a refused Regenerate).
         views: dict[int, discord.ui.View | None] = {last.id: None}
         views[first.id] = self.stop_view(ref.conversation, ref.message_id)
-        growing = self._growing(pressed_on.channel, stream, views=views)
+        growing = self._growing(pressed_on.channel, views=views)
         growing.posted, growing.shown = list(posted.messages), list(posted.texts)
         work = self._play(stream, growing, ref.conversation, ref.message_id)
         await self._inflight.track(self._safely(pressed_on.channel, work))

@@ -49,6 +49,7 @@ class MessageEvents(ReplyControls):
     image_limits: ImageLimits
     _threads: RecentSet[int]
     _not_ours: RecentSet[int]
+    _downloads: aiohttp.ClientSession | None  # attachments' downloads
 
     async def on_message(self, message: discord.Message) -> None:
         if not self._inflight.accepting or self._engine is None:
@@ -111,19 +112,21 @@ class MessageEvents(ReplyControls):
         if not refs:
             return incoming
 
-        async with aiohttp.ClientSession() as session:
+        if self._downloads is None:  # one session for every download, made at the first
+            self._downloads = aiohttp.ClientSession()
+        session = self._downloads
 
-            async def fetch(ref: FileRef, limit: int) -> bytes:
-                return (await download(session, ref.url, limit)).data
+        async def fetch(ref: FileRef, limit: int) -> bytes:
+            return (await download(session, ref.url, limit)).data
 
-            read = await read_files(
-                refs,
-                fetch,
-                max_bytes=self.attachment_max_bytes,
-                seconds_each=self.attachment_seconds,
-                where=f"channel {origin.channel.id}",
-                images=self.image_limits if self.engine.takes_images else None,
-            )
+        read = await read_files(
+            refs,
+            fetch,
+            max_bytes=self.attachment_max_bytes,
+            seconds_each=self.attachment_seconds,
+            where=f"channel {origin.channel.id}",
+            images=self.image_limits if self.engine.takes_images else None,
+        )
         return dataclasses.replace(
             incoming,
             files=read.files,
@@ -147,7 +150,7 @@ class MessageEvents(ReplyControls):
                 return await self._reply_to(origin, part, stop)
 
             stream = self.engine.stream(incoming)
-            reply = self._growing(origin.channel, stream, first)
+            reply = self._growing(origin.channel, first)
             work = self._play(stream, reply, incoming.conversation, incoming.message_id)
             await self._safely(origin.channel, work)
 

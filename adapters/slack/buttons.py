@@ -27,7 +27,6 @@ VOTE_DOWN = "chatbot_vote_down"
 ACTION_IDS = frozenset({STOP, REGENERATE, VOTE_UP, VOTE_DOWN})
 VERDICTS = {VOTE_UP: "up", VOTE_DOWN: "down"}
 BLOCK_ID = "chatbot_reply_actions"
-SECTION_TEXT_LIMIT = 3000  # Block Kit: a section's text
 VALUE_LIMIT = 2000  # Block Kit: a button's value
 
 # What a press is answered with, privately.
@@ -102,9 +101,10 @@ def final_actions(ref: ReplyRef) -> dict[str, Any]:
 
 
 def message_blocks(part: str, actions: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """One reply message: its mrkdwn `part` (at most SECTION_TEXT_LIMIT characters,
-    as `reply_parts` cuts them) in a section, then the buttons, if any. The message's
-    `text` stays the same part: Slack shows it in notifications."""
+    """One reply message: its mrkdwn `part` (at most `translate.MESSAGE_LIMIT`
+    characters, as `reply_parts` cuts them: Block Kit's limit for a section) in a
+    section, then the buttons, if any. The message's `text` stays the same part: Slack
+    shows it in notifications."""
     blocks: list[dict[str, Any]] = [
         {"type": "section", "text": {"type": "mrkdwn", "text": part, "verbatim": True}}
     ]

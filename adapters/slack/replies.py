@@ -82,9 +82,6 @@ class SlackReply(GrowingReply[str]):
 
     async def show(self, text: str, *, final: bool = False) -> None:
         if final:
-            reply = self._stream.reply
-            if reply is not None and (reply.refused or reply.silent):
-                return  # nothing for the conversation: the refusal goes to the presser
             self._ended = True
             parts = self._render_parts(text)
             for index, ts in enumerate(self.posted[: len(parts)]):

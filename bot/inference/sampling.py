@@ -75,34 +75,31 @@ class Sampler:
     ) -> list[int]:
         """The next token of each reply: `contexts[i]` its tokens so far (prompt and
         reply), `logits[i]` its scores, `temperatures[i]` its own temperature (None:
-        the configured one). A reply with its own is chosen alone."""
-        own = [i for i, t in enumerate(temperatures or []) if t is not None]
-        if not own:
-            return self._choose(contexts, generators, logits, self.greedy, self._processors)
+        the configured one). Replies are chosen together with those of their
+        temperature (each row's choice is its own: grouping changes no token)."""
+        groups: dict[float | None, list[int]] = {}
+        for i, temperature in enumerate(temperatures or [None] * len(contexts)):
+            groups.setdefault(temperature, []).append(i)
         chosen = [0] * len(contexts)
-        rest = [i for i in range(len(contexts)) if i not in set(own)]
-        if rest:
-            picked = self._choose(
-                [contexts[i] for i in rest],
-                [generators[i] for i in rest],
-                logits[rest],
-                self.greedy,
-                self._processors,
-            )
-            for i, token in zip(rest, picked, strict=True):
+        for temperature, rows in groups.items():
+            if temperature is None:
+                greedy, processors = self.greedy, self._processors
+            else:
+                if temperature not in self._own:
+                    self._own[temperature] = self._processors_for(temperature)
+                greedy, processors = temperature <= 0, self._own[temperature]
+            if len(rows) == len(contexts):  # the usual step: one group, no copy
+                picked = self._choose(contexts, generators, logits, greedy, processors)
+            else:
+                picked = self._choose(
+                    [contexts[i] for i in rows],
+                    [generators[i] for i in rows],
+                    logits[rows],
+                    greedy,
+                    processors,
+                )
+            for i, token in zip(rows, picked, strict=True):
                 chosen[i] = token
-        for i in own:
-            temperature = temperatures[i] if temperatures else None
-            assert temperature is not None
-            if temperature not in self._own:
-                self._own[temperature] = self._processors_for(temperature)
-            chosen[i] = self._choose(
-                [contexts[i]],
-                [generators[i]],
-                logits[i : i + 1],
-                temperature <= 0,
-                self._own[temperature],
-            )[0]
         return chosen
 
     def _choose(

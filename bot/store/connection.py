@@ -104,12 +104,12 @@ async def is_cluster(
 async def is_replica(client: Client) -> bool:
     """Whether the server is a read-only replica (nothing could be stored there);
     False when INFO is refused."""
+    if isinstance(client, RedisCluster):
+        return False  # a cluster client writes to each slot's primary: nothing to ask
     try:
         info = await client.info("replication")
     except ResponseError:
         return False
-    if isinstance(client, RedisCluster):
-        return False  # a cluster client writes to each slot's primary
     return info.get("role") == "slave"
 
 

@@ -280,8 +280,8 @@ class Memory(Protocol):
         """Count tokens to the person's UTC `day`; their total for it."""
         ...
 
-    async def usage_of(self, platform: str, user_id: str, day: str) -> tuple[int, bool]:
-        """The person's tokens for `day`, and whether the limit's note was sent."""
+    async def usage_of(self, platform: str, user_id: str, day: str) -> int:
+        """The person's tokens for `day`."""
         ...
 
     async def claim_usage_note(self, platform: str, user_id: str, day: str) -> bool:
@@ -424,9 +424,8 @@ class InProcessMemory:
         counter[0] += tokens
         return counter[0]
 
-    async def usage_of(self, platform: str, user_id: str, day: str) -> tuple[int, bool]:
-        used, told = self._usage.get((platform, user_id, day), [0, 0])
-        return used, bool(told)
+    async def usage_of(self, platform: str, user_id: str, day: str) -> int:
+        return self._usage.get((platform, user_id, day), [0, 0])[0]
 
     async def claim_usage_note(self, platform: str, user_id: str, day: str) -> bool:
         counter = self._usage.setdefault((platform, user_id, day), [0, 0])
@@ -617,13 +616,8 @@ class RedisMemory:
         key = usage_key(platform, user_id, day)
         return int(await self._redis.eval(ADD_USAGE, 1, key, tokens, USAGE_SECONDS))
 
-    async def usage_of(self, platform: str, user_id: str, day: str) -> tuple[int, bool]:
-        key = usage_key(platform, user_id, day)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.get(key)
-            pipe.exists(f"{key}:told")
-            used, told = await pipe.execute()
-        return int(used or 0), bool(told)
+    async def usage_of(self, platform: str, user_id: str, day: str) -> int:
+        return int(await self._redis.get(usage_key(platform, user_id, day)) or 0)
 
     async def claim_usage_note(self, platform: str, user_id: str, day: str) -> bool:
         key = f"{usage_key(platform, user_id, day)}:told"
